@@ -1,0 +1,119 @@
+"""``mixed_loss``: next-token cross-entropy mixed with a cosine distance in embedding space."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import backends
+from ._kernel_function import kernel_rows
+from ._validation import check_label_range, check_scalars, check_tensors
+from .reference import reference_rows
+
+
+class MixedLossOutput(NamedTuple):
+    """The loss with its parts and the counts evaluation needs (no logits kept).
+
+    ``loss == alpha * cos + (1 - alpha) * ce``; ``ce`` and ``cos`` (the distance
+    1 - cos_n) use the loss's reduction. ``n_valid``, ``n_correct`` (argmax == label)
+    and ``cos_sim_sum`` (summed cosine similarity) are sums over valid positions,
+    detached from the graph.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    cos: torch.Tensor
+    n_valid: torch.Tensor
+    n_correct: torch.Tensor
+    cos_sim_sum: torch.Tensor
+
+
+def mixed_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    embedding: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    topk: int | None = 256,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: bool = False,
+    backend: str = "auto",
+    return_parts: bool = False,
+):
+    """The mixed loss of SPEC.md: ``alpha * (1 - cos_n) + (1 - alpha) * ce_n`` per position.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16, float16 (or float64).
+        labels: integer, the leading shape of ``logits``; ``ignore_index`` marks positions to skip.
+        embedding: ``[V, H]`` token embedding (for tied models, the LM head weight).
+        alpha: weight of the cosine term in [0, 1]; 0 is plain cross-entropy.
+        temperature: T > 0 of the softmax over the top-k logits.
+        topk: K >= 1, or None for the whole vocabulary.
+        reduction: ``"mean"`` over valid positions (0 when none), ``"sum"`` or ``"none"``.
+        shift: causal-LM shift for ``[B, T, V]`` logits: position t predicts ``labels[:, t + 1]``.
+        backend: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"``.
+        return_parts: return a :class:`MixedLossOutput` instead of the loss alone.
+
+    Returns:
+        The loss (a scalar, or the per-position values for ``"none"``: 0 at ignored
+        positions) in float32 (float64 for float64 logits), or a :class:`MixedLossOutput`.
+    """
+    check_scalars(alpha, temperature, topk, reduction, backend)
+    check_tensors(logits, labels, embedding, shift)
+    vocab = logits.shape[-1]
+    if vocab < 1:
+        raise ValueError(f"logits: expected a vocabulary size V >= 1, got shape {tuple(logits.shape)}")
+    if shift:
+        labels = _shift_labels(labels, ignore_index)
+    check_label_range(labels, vocab, ignore_index)
+
+    flat_labels = labels.reshape(-1)
+    ce_rows, cos_rows, correct = _rows(
+        logits.reshape(-1, vocab), flat_labels, embedding, temperature, topk, ignore_index,
+        with_cos=alpha > 0 or return_parts, backend=backend,
+    )
+    valid = flat_labels != ignore_index
+    dist_rows = torch.where(valid, 1.0 - cos_rows, torch.zeros_like(cos_rows))
+    loss_rows = alpha * dist_rows + (1.0 - alpha) * ce_rows
+
+    n_valid = valid.sum()
+    shape = labels.shape
+    loss = _reduce(loss_rows, n_valid, reduction, shape, shift)
+    if not return_parts:
+        return loss
+    return MixedLossOutput(
+        loss=loss,
+        ce=_reduce(ce_rows, n_valid, reduction, shape, shift),
+        cos=_reduce(dist_rows, n_valid, reduction, shape, shift),
+        n_valid=n_valid.detach(),
+        n_correct=(correct & valid).sum().detach(),
+        cos_sim_sum=torch.where(valid, cos_rows, torch.zeros_like(cos_rows)).sum().detach(),
+    )
+
+
+def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """labels[..., t + 1] at position t and ignore_index at the last: the causal shift
+    without copying the logits (their last position is simply ignored)."""
+    pad = torch.full_like(labels[..., :1], ignore_index)
+    return torch.cat([labels[..., 1:], pad], dim=-1)
+
+
+def _rows(logits, labels, embedding, temperature, topk, ignore_index, *, with_cos, backend):
+    vocab = logits.shape[-1]
+    k = vocab if topk is None else min(topk, vocab)
+    ops = backends.resolve(backend, logits, embedding)
+    if ops is None:
+        return reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos)
+    return kernel_rows(ops, logits, labels, embedding, temperature, k, ignore_index, with_cos)
+
+
+def _reduce(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str, shape, shift: bool) -> torch.Tensor:
+    """Reduce per-position values; ``"none"`` keeps the labels' shape (less the last position when shifted)."""
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / n_valid.clamp_min(1).to(rows.dtype)
+    per_position = rows.reshape(shape)
+    return per_position[..., :-1] if shift else per_position
