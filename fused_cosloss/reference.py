@@ -75,8 +75,11 @@ def reference_rows(
     n, vocab = logits.shape
     k = vocab if topk is None else min(topk, vocab)
     rows = (labels != ignore_index).nonzero().squeeze(1)
-    z = logits.index_select(0, rows).to(dtype)
-    y = labels.index_select(0, rows).long()
+    # Ignored rows are left out (their logits may be anything, NaN included, and get exact
+    # zero gradients); when every row is valid the logits are used without a copy.
+    all_valid = rows.numel() == n
+    z = (logits if all_valid else logits.index_select(0, rows)).to(dtype)
+    y = (labels if all_valid else labels.index_select(0, rows)).long()
 
     ce = torch.logsumexp(z, dim=-1) - z.gather(1, y[:, None]).squeeze(1)
     correct = z.argmax(dim=-1) == y
@@ -87,6 +90,6 @@ def reference_rows(
         cos = torch.zeros_like(ce)
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
-        return values.new_zeros(n).index_copy(0, rows, values)
+        return values if all_valid else values.new_zeros(n).index_copy(0, rows, values)
 
     return scatter(ce), scatter(cos), scatter(correct)
