@@ -45,7 +45,7 @@ def test_nan_logits_poison_only_their_position(backend, gen):
     dirty = mixed_loss(poisoned, labels, embedding, topk=6, reduction="none", backend=name)
     assert torch.isnan(dirty[2])
     keep = torch.arange(5, device=device) != 2
-    assert_close_rel(dirty[keep], clean[keep], 1e-6, "other positions")
+    assert_close_rel(dirty[keep], clean[keep], 1e-6, "other positions", floor=1)
     assert torch.isnan(mixed_loss(poisoned, labels, embedding, topk=6, backend=name))
 
 

@@ -1,0 +1,181 @@
+"""Triton-specific tests: the paths and properties the backend-parametrised suite does not reach.
+
+Under the interpreter (no GPU; tests/conftest.py sets TRITON_INTERPRET=1): the candidate-
+overflow fallback of the top-k selection, the dense path for large k, blocks of rows
+walked by the persistent row kernel, bitwise determinism of the embedding gradient.
+On a GPU (``-m gpu``): the same against the reference on CUDA, determinism with long
+segments, and N * V > 2**31 (64-bit offsets).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import backend_or_skip
+from fused_cosloss import mixed_loss
+from helpers import assert_close_rel, make_inputs, tolerance
+
+
+def _run(backend, logits, labels, embedding, **options):
+    """Loss parts and both gradients of alpha * cos + (1 - alpha) * ce + 0.3 * ce + 0.7 * cos."""
+    logits = logits.detach().clone().requires_grad_(True)
+    embedding = embedding.detach().clone().requires_grad_(True)
+    out = mixed_loss(logits, labels, embedding, backend=backend, return_parts=True, **options)
+    (out.loss + 0.3 * out.ce + 0.7 * out.cos).backward()
+    return out, logits.grad, embedding.grad
+
+
+def _agree(logits, labels, embedding, **options):
+    """The triton backend against the reference: loss, parts, counts and both gradients."""
+    got, dlogits, demb = _run("triton", logits, labels, embedding, **options)
+    want, dlogits_ref, demb_ref = _run("reference", logits, labels, embedding, **options)
+    rel = tolerance(logits.dtype) if logits.dtype == embedding.dtype == torch.float32 else 1e-2
+    for name in ("loss", "ce", "cos"):
+        assert_close_rel(getattr(got, name), getattr(want, name), rel, name, floor=1.0)
+    assert got.n_valid.item() == want.n_valid.item()
+    assert got.n_correct.item() == want.n_correct.item()
+    assert_close_rel(got.cos_sim_sum, want.cos_sim_sum, rel, "cos_sim_sum", floor=1.0)
+    assert_close_rel(dlogits, dlogits_ref, rel, "dlogits")
+    assert_close_rel(demb, demb_ref, rel, "dembedding")
+
+
+@pytest.fixture
+def interpret():
+    backend_or_skip("triton", "cpu")
+
+
+@pytest.fixture
+def ops():
+    import fused_cosloss.triton_ops as module
+
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("capacity", [4, 9], ids=["every-row", "some-rows"])
+def test_candidate_overflow_falls_back_to_whole_row_select(interpret, ops, monkeypatch, gen, dtype, ties, capacity):
+    """Rows with more candidates than the scratch holds (always when it holds fewer than k)
+    take the whole-row radix select; the others in the same block keep theirs."""
+    monkeypatch.setattr(ops, "CANDIDATE_CAPACITY", capacity)
+    logits, labels, embedding = make_inputs(gen, 9, 70, 6, dtype=dtype, ties=ties)
+    _agree(logits, labels, embedding, topk=7, temperature=0.7)
+
+
+def test_candidate_overflow_with_masked_vocabulary(interpret, ops, monkeypatch, gen):
+    monkeypatch.setattr(ops, "CANDIDATE_CAPACITY", 16)
+    logits, labels, embedding = make_inputs(gen, 8, 90, 5, neg_inf_frac=0.9)
+    _agree(logits, labels, embedding, topk=12)
+
+
+@pytest.mark.parametrize("topk", [9, None])
+@pytest.mark.parametrize("ties", [False, True])
+def test_dense_path_for_large_k(interpret, ops, monkeypatch, gen, topk, ties):
+    """k above SPARSE_MAX_K: S by threshold, the cosine term through matrix products."""
+    monkeypatch.setattr(ops, "SPARSE_MAX_K", 4)
+    monkeypatch.setattr(ops, "DENSE_BLOCK_ELEMENTS", 64)  # several blocks of rows
+    logits, labels, embedding = make_inputs(gen, 7, 31, 5, ties=ties)
+    _agree(logits, labels, embedding, topk=topk, temperature=1.5)
+
+
+def test_dense_path_bfloat16_and_nan_row(interpret, ops, monkeypatch, gen):
+    monkeypatch.setattr(ops, "SPARSE_MAX_K", 4)
+    logits, labels, embedding = make_inputs(gen, 6, 29, 4, dtype=torch.bfloat16, ignore_frac=0.0)
+    logits[2, 5] = float("nan")
+    out, dlogits, _ = _run("triton", logits, labels, embedding, topk=10)
+    per_row = mixed_loss(logits, labels, embedding, backend="triton", topk=10, reduction="none")
+    assert torch.isnan(per_row[2]) and torch.isfinite(per_row[torch.arange(6) != 2]).all()
+    assert torch.isnan(dlogits[2]).all() and torch.isfinite(dlogits[torch.arange(6) != 2]).all()
+
+
+def test_many_row_blocks_in_the_persistent_loop(interpret, gen):
+    """More rows than one program step takes: the row kernel loops over blocks of rows."""
+    logits, labels, embedding = make_inputs(gen, 53, 45, 4)
+    _agree(logits, labels, embedding, topk=6, temperature=0.05)
+
+
+def test_signed_zeros_tie(interpret, gen):
+    """-0.0 and +0.0 are equal values: the lower index wins between them."""
+    logits = torch.full((3, 12), -1.0)
+    logits[:, 3] = -0.0
+    logits[:, 8] = 0.0
+    logits[:, 10] = 2.0
+    labels = torch.tensor([3, 8, 10])
+    embedding = torch.randn(12, 5, generator=gen)
+    _agree(logits, labels, embedding, topk=2)
+
+
+def test_embedding_gradient_is_bitwise_deterministic(interpret, gen):
+    logits, labels, embedding = make_inputs(gen, 12, 20, 6, ignore_frac=0.1)
+    first = _run("triton", logits, labels, embedding, topk=8)[2]
+    second = _run("triton", logits, labels, embedding, topk=8)[2]
+    assert torch.equal(first, second)
+
+
+def test_unavailable_reason_names_the_problem(ops):
+    reason = ops.unavailable_reason(torch.empty(1, 1, dtype=torch.float64), torch.empty(1, 1))
+    assert reason is not None and "float64" in reason
+    reason = ops.unavailable_reason(torch.empty(1, 1), torch.empty(1, 1, dtype=torch.int32))
+    assert reason is not None and "embedding" in reason
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU
+
+
+@pytest.fixture
+def cuda():
+    backend_or_skip("triton", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 50257, 768, 256), (33, 1000, 64, 1024), (16, 262144, 32, 64)],
+                         ids=["gpt2", "K1024", "V262144"])
+def test_cuda_agrees_with_reference(cuda, gen, dtype, shape):
+    n, vocab, hidden, topk = shape
+    logits, labels, embedding = make_inputs(gen, n, vocab, hidden, dtype=dtype, device="cuda", scale=4.0)
+    _agree(logits, labels, embedding, topk=topk, temperature=0.7)
+
+
+@pytest.mark.gpu
+def test_cuda_ties_and_masked_vocabulary(cuda, gen):
+    logits, labels, embedding = make_inputs(gen, 40, 5000, 32, ties=True, device="cuda")
+    _agree(logits, labels, embedding, topk=256)
+    logits, labels, embedding = make_inputs(gen, 40, 5000, 32, neg_inf_frac=0.98, device="cuda")
+    _agree(logits, labels, embedding, topk=256)
+
+
+@pytest.mark.gpu
+def test_cuda_embedding_gradient_is_bitwise_deterministic(cuda, gen):
+    """Long segments (a small vocabulary shared by many rows): same inputs, same bits."""
+    logits, labels, embedding = make_inputs(gen, 4096, 2000, 256, dtype=torch.bfloat16, device="cuda")
+    first = _run("triton", logits, labels, embedding, topk=256)
+    second = _run("triton", logits, labels, embedding, topk=256)
+    assert torch.equal(first[2], second[2])
+    assert torch.equal(first[1], second[1])
+    assert torch.equal(first[0].loss, second[0].loss)
+
+
+@pytest.mark.gpu
+def test_cuda_more_than_2_pow_31_logits(cuda, gen):
+    """N * V > 2**31 elements (64-bit offsets): rows near the end agree with the reference."""
+    n, vocab, hidden = 65536, 50257, 64
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * vocab * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory for a 6.6 GB logits tensor and its gradient")
+    logits = torch.empty(n, vocab, device="cuda", dtype=torch.bfloat16)
+    for start in range(0, n, 4096):
+        logits[start:start + 4096].normal_(0.0, 3.0, generator=None)
+    labels = torch.randint(0, vocab, (n,), device="cuda")
+    embedding = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16)
+    logits.requires_grad_(True)
+    rows = mixed_loss(logits, labels, embedding, backend="triton", reduction="none", topk=64)
+    rows[-8:].sum().backward()
+    tail = slice(n - 8, n)
+    want = mixed_loss(logits.detach()[tail], labels[tail], embedding, backend="reference", reduction="none", topk=64)
+    assert_close_rel(rows.detach()[tail], want, 1e-2, "loss rows", floor=1.0)
+    ref_logits = logits.detach()[tail].clone().requires_grad_(True)
+    mixed_loss(ref_logits, labels[tail], embedding, backend="reference", reduction="none", topk=64).sum().backward()
+    assert_close_rel(logits.grad[tail], ref_logits.grad, 1e-2, "dlogits rows")
+    assert torch.count_nonzero(logits.grad[: n - 8]) == 0

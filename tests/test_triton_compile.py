@@ -1,0 +1,194 @@
+"""Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90, with no GPU needed.
+
+Each kernel is compiled (``triton.compile`` of an ``ASTSource`` for a ``GPUTarget``) at the
+benchmark configuration (V = 50257, K = 256, H = 768, bfloat16 logits and embedding) with
+the tile sizes the backend launches on a GPU, and ``cuobjdump --dump-resource-usage`` on
+the cubin must report no local memory (register spills). Skipped only where this triton
+has no CUDA backend (or ships no cuobjdump).
+
+Run ``pytest tests/test_triton_compile.py -s`` to print the register counts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if __name__ != "__main__":
+    import pytest
+
+    triton = pytest.importorskip("triton")
+else:
+    import triton
+
+VOCAB, TOPK, HIDDEN = 50257, 256, 768
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _has_cuda_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:  # pragma: no cover
+        return False
+    return "nvidia" in backends
+
+
+# ---------------------------------------------------------------------------------------------
+# The compilation runs in a fresh interpreter process (``python tests/test_triton_compile.py``):
+# the rest of the suite imports the kernels under TRITON_INTERPRET=1, where they are not
+# compilable, and the interpreter leaves triton.language patched in the process it ran in.
+
+
+def _source(kernel, types: dict, constexprs: dict):
+    """An ASTSource with pointers 16-byte aligned, as the JIT specialises torch allocations."""
+    from triton.compiler import ASTSource
+
+    fn = kernel
+    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name].startswith("*")}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _resource_usage(compiled) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(compiled.asm["cubin"])
+        path = handle.name
+    try:
+        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(path)
+    usage = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    assert "REG" in usage and "LOCAL" in usage, f"unexpected cuobjdump output:\n{text}"
+    return usage
+
+
+def _bench_tiles():
+    import fused_cosloss.triton_ops as ops
+
+    assert not ops._interpreted()
+    return ops._tiles(8192, TOPK, HIDDEN)
+
+
+ROW_TYPES = dict(
+    logits_ptr="*bf16", stride_row="i32", labels_ptr="*i64", N="i32", V="i32", K="i32", C="i32", ignore_index="i32",
+    temperature="fp32", ce_ptr="*fp32", correct_ptr="*i8", stats_ptr="*fp32", tie_ptr="*i32", s_idx_ptr="*i32",
+    s_val_ptr="*fp32", scratch_idx_ptr="*i32", scratch_val_ptr="*fp32",
+)
+
+
+def _row_stats(mode: int, logits: str = "bf16"):
+    import fused_cosloss.triton_ops as ops
+    from fused_cosloss.triton_ops import forward
+
+    import torch
+
+    key16, npass = ops._key_constants({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[logits])
+    capacity = ops._capacity(TOPK)
+    types = dict(ROW_TYPES, logits_ptr=f"*{logits}")
+    constexprs = dict(MODE=mode, KEY16=key16, NPASS=npass, BR=1, BV=ops._row_block(VOCAB),
+                      BC=ops._scratch_block(capacity))
+    return _source(forward.row_stats_kernel, types, constexprs), _bench_tiles()["NW_ROW"]
+
+
+def _cosine():
+    from fused_cosloss.triton_ops import forward
+
+    tiles = _bench_tiles()
+    types = dict(emb_ptr="*bf16", labels_ptr="*i64", stats_ptr="*fp32", s_idx_ptr="*i32", s_val_ptr="*fp32",
+                 mu_ptr="*fp32", cstats_ptr="*fp32", N="i32", K="i32", H="i32", ignore_index="i32",
+                 temperature="fp32")
+    return _source(forward.cosine_kernel, types, dict(BR=1, BK=tiles["BK"], BH=tiles["BH"])), tiles["NW_COS"]
+
+
+def _backward(with_cos: bool):
+    import fused_cosloss.triton_ops as ops
+    from fused_cosloss.triton_ops import backward
+
+    tiles = _bench_tiles()
+    types = dict(logits_ptr="*bf16", stride_row="i32", labels_ptr="*i64", emb_ptr="*bf16", grad_ce_ptr="*fp32",
+                 grad_cos_ptr="*fp32", stats_ptr="*fp32", tie_ptr="*i32", s_idx_ptr="*i32", s_val_ptr="*fp32",
+                 mu_ptr="*fp32", cstats_ptr="*fp32", dlogits_ptr="*bf16", coef_ptr="*fp32", N="i32", V="i32",
+                 K="i32", H="i32", ignore_index="i32", temperature="fp32")
+    constexprs = dict(WITH_COS=with_cos, WRITE_DZ=True, BR=1, BV=ops._row_block(VOCAB), BK=tiles["BK_BWD"],
+                      BH=tiles["BH_BWD"])
+    return _source(backward.backward_rows_kernel, types, constexprs), tiles["NW_BWD"]
+
+
+def _embedding_grad():
+    from fused_cosloss.triton_ops import embedding_grad
+
+    tiles = _bench_tiles()
+    types = dict(demb_ptr="*bf16", base_ptr="*fp32", perm_ptr="*i64", offsets_ptr="*i64", s_val_ptr="*fp32",
+                 stats_ptr="*fp32", coef_ptr="*fp32", labels_ptr="*i64", mu_ptr="*fp32", emb_ptr="*bf16", V="i32",
+                 NK="i64", K="i32", H="i32", temperature="fp32")
+    constexprs = dict(HAS_BASE=False, VB=tiles["VB"], BE=tiles["BE"], BH=tiles["BH_BWD"])
+    return _source(embedding_grad.embedding_grad_kernel, types, constexprs), tiles["NW_DE"]
+
+
+KERNELS = {
+    "row_stats[sparse,bf16]": lambda: _row_stats(1),
+    "row_stats[sparse,fp32]": lambda: _row_stats(1, "fp32"),
+    "row_stats[ce-only]": lambda: _row_stats(0),
+    "row_stats[dense]": lambda: _row_stats(2),
+    "cosine": _cosine,
+    "backward[cos]": lambda: _backward(True),
+    "backward[ce-only]": lambda: _backward(False),
+    "embedding_grad": _embedding_grad,
+}
+
+
+CAPABILITIES = (80, 90)
+
+
+def compile_all() -> dict:
+    """{kernel name: {capability: resource usage or error text}} for every kernel and target."""
+    from triton.backends.compiler import GPUTarget
+
+    results = {}
+    for name, make in KERNELS.items():
+        results[name] = {}
+        for capability in CAPABILITIES:
+            try:
+                source, num_warps = make()
+                compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                          options={"num_warps": num_warps})
+                results[name][str(capability)] = _resource_usage(compiled)
+            except Exception as error:  # reported by the test, with the kernel's name
+                results[name][str(capability)] = f"{type(error).__name__}: {error}"[:4000]
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    print(json.dumps(compile_all()))
+    sys.exit(0)
+
+
+pytestmark = pytest.mark.skipif(
+    not _has_cuda_backend() or not os.path.exists(CUOBJDUMP), reason="this triton has no CUDA backend / cuobjdump"
+)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=1800)
+    assert run.returncode == 0, f"compilation process failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, ids=["sm80", "sm90"])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_compiles_without_spills(compiled, name, capability):
+    usage = compiled[name][str(capability)]
+    assert isinstance(usage, dict), f"{name} does not compile for sm_{capability}: {usage}"
+    print(f"\n{name} sm_{capability}: {usage}")
+    assert usage["LOCAL"] == 0, f"{name} spills on sm_{capability}: {usage}"
