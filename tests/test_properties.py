@@ -54,8 +54,9 @@ def test_alpha_zero_is_cross_entropy(shape, reduction, seed, ignore_index):
     if reduction == "mean" and bool((labels == ignore_index).all()):
         # F.cross_entropy gives NaN here; by design we give 0 with zero gradients
         theirs, g_theirs = torch.zeros_like(theirs), torch.zeros_like(g_theirs)
-    assert_close_rel(ours, theirs, 1e-6, "loss", floor=loss_floor(reduction, shape[0]))
-    assert_close_rel(g_ours, g_theirs, 1e-6, "dlogits")
+    assert_close_rel(ours, theirs, 1e-5, "loss", floor=loss_floor(reduction, shape[0]))
+    # a row of the CE gradient is softmax - onehot, O(1) (O(1/N) under the mean) however small it is
+    assert_close_rel(g_ours, g_theirs, 1e-5, "dlogits", floor=1 / shape[0] if reduction == "mean" else 1)
 
 
 @SETTINGS

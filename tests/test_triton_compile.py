@@ -88,7 +88,7 @@ def _row_stats(mode: int, logits: str = "bf16"):
 
     key16, npass = ops._key_constants({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[logits])
     capacity = ops._capacity(TOPK)
-    types = dict(ROW_TYPES, logits_ptr=f"*{logits}")
+    types = dict(ROW_TYPES, logits_ptr=f"*{logits}", s_val_ptr=f"*{logits}")
     constexprs = dict(MODE=mode, KEY16=key16, NPASS=npass, BR=1, BV=ops._row_block(VOCAB),
                       BC=ops._scratch_block(capacity))
     return _source(forward.row_stats_kernel, types, constexprs), _bench_tiles()["NW_ROW"]
@@ -98,10 +98,19 @@ def _cosine():
     from fused_cosloss.triton_ops import forward
 
     tiles = _bench_tiles()
-    types = dict(emb_ptr="*bf16", labels_ptr="*i64", stats_ptr="*fp32", s_idx_ptr="*i32", s_val_ptr="*fp32",
+    types = dict(emb_ptr="*bf16", labels_ptr="*i64", stats_ptr="*fp32", s_idx_ptr="*i32", s_val_ptr="*bf16",
                  mu_ptr="*fp32", cstats_ptr="*fp32", N="i32", K="i32", H="i32", ignore_index="i32",
                  temperature="fp32")
     return _source(forward.cosine_kernel, types, dict(BR=1, BK=tiles["BK"], BH=tiles["BH"])), tiles["NW_COS"]
+
+
+def _direction():
+    from fused_cosloss.triton_ops import backward
+
+    tiles = _bench_tiles()
+    types = dict(emb_ptr="*bf16", labels_ptr="*i64", mu_ptr="*fp32", cstats_ptr="*fp32", grad_cos_ptr="*fp32",
+                 g_ptr="*fp32", coef_ptr="*fp32", N="i32", H="i32", ignore_index="i32")
+    return _source(backward.direction_kernel, types, dict(BR=1, BH=tiles["BH"])), tiles["NW_COS"]
 
 
 def _backward(with_cos: bool):
@@ -109,24 +118,24 @@ def _backward(with_cos: bool):
     from fused_cosloss.triton_ops import backward
 
     tiles = _bench_tiles()
-    types = dict(logits_ptr="*bf16", stride_row="i32", labels_ptr="*i64", emb_ptr="*bf16", grad_ce_ptr="*fp32",
-                 grad_cos_ptr="*fp32", stats_ptr="*fp32", tie_ptr="*i32", s_idx_ptr="*i32", s_val_ptr="*fp32",
-                 mu_ptr="*fp32", cstats_ptr="*fp32", dlogits_ptr="*bf16", coef_ptr="*fp32", N="i32", V="i32",
-                 K="i32", H="i32", ignore_index="i32", temperature="fp32")
-    constexprs = dict(WITH_COS=with_cos, WRITE_DZ=True, BR=1, BV=ops._row_block(VOCAB), BK=tiles["BK_BWD"],
-                      BH=tiles["BH_BWD"])
+    types = dict(logits_ptr="*bf16", stride_row="i32", labels_ptr="*i64", grad_ce_ptr="*fp32", grad_cos_ptr="*fp32",
+                 stats_ptr="*fp32", tie_ptr="*i32", s_idx_ptr="*i32", s_val_ptr="*bf16", s_dot_ptr="*fp32",
+                 coef_ptr="*fp32", dlogits_ptr="*bf16", N="i32", V="i32", K="i32", ignore_index="i32",
+                 temperature="fp32")
+    constexprs = dict(WITH_COS=with_cos, BR=1, BV=ops._row_block(VOCAB), BK=tiles["BK_BWD"])
     return _source(backward.backward_rows_kernel, types, constexprs), tiles["NW_BWD"]
 
 
-def _embedding_grad():
+def _embedding_grad(hidden: int = HIDDEN):
+    import fused_cosloss.triton_ops as ops
     from fused_cosloss.triton_ops import embedding_grad
 
-    tiles = _bench_tiles()
-    types = dict(demb_ptr="*bf16", base_ptr="*fp32", perm_ptr="*i64", offsets_ptr="*i64", s_val_ptr="*fp32",
-                 stats_ptr="*fp32", coef_ptr="*fp32", labels_ptr="*i64", mu_ptr="*fp32", emb_ptr="*bf16", V="i32",
-                 NK="i64", K="i32", H="i32", temperature="fp32")
-    constexprs = dict(HAS_BASE=False, VB=tiles["VB"], BE=tiles["BE"], BH=tiles["BH_BWD"])
-    return _source(embedding_grad.embedding_grad_kernel, types, constexprs), tiles["NW_DE"]
+    tiles = ops._vocab_tiles(hidden)
+    types = dict(demb_ptr="*bf16", base_ptr="*fp32", s_dot_ptr="*fp32", perm_ptr="*i64", offsets_ptr="*i64",
+                 s_val_ptr="*bf16", stats_ptr="*fp32", coef_ptr="*fp32", g_ptr="*fp32", mu_ptr="*fp32",
+                 emb_ptr="*bf16", V="i32", NK="i64", K="i32", H="i32", temperature="fp32")
+    constexprs = dict(WRITE_S=True, WRITE_DE=True, HAS_BASE=False, VB=tiles["VB"], BE=tiles["BE"], HP=tiles["HP"])
+    return _source(embedding_grad.embedding_grad_kernel, types, constexprs), tiles["NW"]
 
 
 KERNELS = {
@@ -135,9 +144,11 @@ KERNELS = {
     "row_stats[ce-only]": lambda: _row_stats(0),
     "row_stats[dense]": lambda: _row_stats(2),
     "cosine": _cosine,
+    "direction": _direction,
     "backward[cos]": lambda: _backward(True),
     "backward[ce-only]": lambda: _backward(False),
-    "embedding_grad": _embedding_grad,
+    "vocabulary_pass": _embedding_grad,
+    "vocabulary_pass[H=4096]": lambda: _embedding_grad(4096),
 }
 
 
