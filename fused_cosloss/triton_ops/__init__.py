@@ -1,0 +1,349 @@
+"""The Triton backend (``backend="triton"``): the kernel-backend protocol of
+``fused_cosloss._kernel_function`` over the kernels of this package.
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
+triton was imported (the interpreter: slow, for tests). Logits and embedding may each
+be float32, bfloat16 or float16; all arithmetic is float32. Design and cost model:
+docs/triton_kernel.md.
+
+* sparse path (``k <= SPARSE_MAX_K`` = 1024). Forward: ``row_stats_kernel`` (logsumexp,
+  argmax, radix top-k) -> ``cosine_kernel`` (mu over the k gathered rows, cos). Backward:
+  ``direction_kernel`` (g = d cos / d mu per row) -> ``embedding_grad_kernel`` (the
+  vocabulary pass: s = E[v] . g on S and dE, over entries sorted by vocabulary row, no
+  atomics) -> ``backward_rows_kernel`` (the logits gradient, each element written once).
+  Saved between forward and backward: S indices (int32) and values (logits dtype)
+  ``[N, k]``, mu ``[N, H]`` float32, nine scalars per row.
+* dense path (``k > SPARSE_MAX_K``, e.g. ``topk=None`` on a real vocabulary): the row kernel
+  finds the threshold of S, and the cosine term goes through matrix products with E in
+  blocks of rows; extra memory: a few ``[rows, V]`` float32 temporaries of at most
+  ``DENSE_BLOCK_ELEMENTS`` elements, a float32 copy of E when E is 16-bit, and a float32
+  ``[V, H]`` accumulator of dE.
+* ``with_cos=False``: only logsumexp / argmax in the forward and the dense CE gradient.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .backward import backward_rows_kernel, direction_kernel
+from .embedding_grad import embedding_grad_kernel
+from .forward import cosine_kernel, row_stats_kernel
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EPS = 1e-12
+
+# Largest k on the sparse path; a larger k (topk=None on a real vocabulary) takes the dense path.
+SPARSE_MAX_K = 1024
+# Capacity of the per-program candidate scratch of the selection (None: max(4 * k, 2048)).
+# A row with more candidates than this falls back to a radix select over the whole row.
+CANDIDATE_CAPACITY: int | None = None
+# Dense path: rows per block chosen so that a [rows, V] float32 temporary has at most this many elements.
+DENSE_BLOCK_ELEMENTS = 1 << 22
+# Persistent row-kernel programs per SM: rows in flight re-read from L2 in the selection's second
+# pass (2 per SM x 132 SMs x ~100 KB per bfloat16 row of 50257 stays well inside an H100's 50 MB L2).
+PROGRAMS_PER_SM = 2
+# Warps per program of each kernel.
+NUM_WARPS = dict(NW_ROW=8, NW_COS=4, NW_BWD=8)
+
+def _interpreted() -> bool:
+    """Whether this module's kernels were built for the triton interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(row_stats_kernel, InterpretedFunction)
+
+
+def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | None:
+    """Why the Triton backend cannot run on these tensors, or None."""
+    for name, tensor in (("logits", logits), ("embedding", embedding)):
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            return f"{name} dtype {tensor.dtype} is not supported (float32, bfloat16, float16)"
+    device = logits.device.type
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "triton needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+        if not _interpreted():
+            return "TRITON_INTERPRET=1 was set after triton compiled the kernels; set it before importing triton"
+        return None
+    return f"triton does not run on {device} tensors"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _capacity(k: int) -> int:
+    return CANDIDATE_CAPACITY if CANDIDATE_CAPACITY is not None else max(4 * k, 2048)
+
+
+def _num_programs(n_blocks: int, device: torch.device) -> int:
+    if device.type == "cuda" and not _interpreted():
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_blocks, PROGRAMS_PER_SM * sms))
+    return max(1, min(n_blocks, 2))
+
+
+def _tiles(n: int, k: int, hidden: int) -> dict:
+    """Tile sizes: one row per program step on a GPU; blocks of rows under the interpreter,
+    whose cost is per operation rather than per element."""
+    if _interpreted():
+        rows = min(16, _next_pow2(n))
+        block_h = min(64, max(16, _next_pow2(hidden)))
+        block_k = min(256, max(16, _next_pow2(k)))
+        return dict(BR=rows, BK=block_k, BH=block_h, BK_BWD=block_k, **NUM_WARPS)
+    # register counts of these tiles (no spills) are checked by tests/test_triton_compile.py
+    return dict(BR=1, BK=8, BH=_hidden_block(hidden, 256), BK_BWD=256, **NUM_WARPS)
+
+
+def _vocab_tiles(hidden: int) -> dict:
+    """The vocabulary pass holds whole embedding rows (HP >= H) and BE entries of a segment at a time."""
+    padded = max(16, _next_pow2(hidden))
+    if _interpreted():
+        return dict(VB=64, BE=8, HP=padded, NW=4)
+    return dict(VB=1, BE=max(1, min(8, 2048 // padded)), HP=padded, NW=8)
+
+
+def _key_constants(dtype: torch.dtype):
+    """(16-bit keys, radix passes): 16-bit dtypes are resolved in two 8-bit passes, float32 in four."""
+    key16 = dtype != torch.float32
+    return key16, 2 if key16 else 4
+
+
+def _empty(device, dtype=torch.float32):
+    return torch.empty(0, device=device, dtype=dtype)
+
+
+def _scratch_block(capacity: int) -> int:
+    return min(1024, max(16, _next_pow2(capacity)))
+
+
+def _row_block(vocab: int) -> int:
+    """Lanes of the row kernels' blocks. The selection's lane bound needs at least k lanes:
+    forward_rows widens the block for k > 2048 (never with the default SPARSE_MAX_K)."""
+    return min(2048, max(16, _next_pow2(vocab)))
+
+
+def _hidden_block(hidden: int, cap: int) -> int:
+    return min(cap, max(16, _next_pow2(hidden)))
+
+
+def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos):
+    n, vocab = logits.shape
+    hidden = embedding.shape[1]
+    device = logits.device
+    ce = torch.empty(n, device=device, dtype=torch.float32)
+    correct = torch.empty(n, device=device, dtype=torch.int8)
+    stats = torch.empty(n, 4, device=device, dtype=torch.float32)  # lse, max / T, sum over S, threshold value
+    tie = torch.empty(n, device=device, dtype=torch.int32)
+    sparse = with_cos and k <= SPARSE_MAX_K
+    mode = 0 if not with_cos else (1 if sparse else 2)
+    s_idx = torch.empty(n, k, device=device, dtype=torch.int32) if sparse else _empty(device, torch.int32)
+    # the values of S in the logits' dtype (exact: they are logits)
+    s_val = torch.empty(n, k, device=device, dtype=logits.dtype) if sparse else _empty(device, logits.dtype)
+    if n == 0:
+        cos = torch.zeros(0, device=device, dtype=torch.float32)
+        saved = (stats, tie, s_idx, s_val, torch.empty(0, hidden, device=device), torch.empty(0, 4, device=device))
+        return ce, cos, correct.bool(), saved
+
+    tiles = _tiles(n, k, hidden)
+    rows = tiles["BR"]
+    programs = _num_programs(triton.cdiv(n, rows), device)
+    capacity = _capacity(k)
+    if mode == 1:
+        scratch_idx = torch.empty(programs * rows * capacity, device=device, dtype=torch.int32)
+        scratch_val = torch.empty(programs * rows * capacity, device=device, dtype=torch.float32)
+    else:
+        scratch_idx, scratch_val = _empty(device, torch.int32), _empty(device)
+    key16, npass = _key_constants(logits.dtype)
+    row_stats_kernel[(programs,)](
+        logits, logits.stride(0), labels, n, vocab, k, capacity, ignore_index, float(temperature),
+        ce, correct, stats, tie, s_idx, s_val, scratch_idx, scratch_val,
+        MODE=mode, KEY16=key16, NPASS=npass, BR=rows, BV=max(_row_block(vocab), _next_pow2(k) if sparse else 16),
+        BC=_scratch_block(capacity), num_warps=tiles["NW_ROW"],
+    )
+    del scratch_idx, scratch_val
+    if mode == 0:
+        cos = torch.zeros(n, device=device, dtype=torch.float32)
+        mu = torch.empty(0, hidden, device=device)
+        cstats = torch.empty(0, 4, device=device)
+    elif mode == 1:
+        mu = torch.empty(n, hidden, device=device, dtype=torch.float32)
+        cstats = torch.empty(n, 4, device=device, dtype=torch.float32)  # cos, |mu|, |e|, mu . e
+        cosine_kernel[(triton.cdiv(n, rows),)](
+            embedding, labels, stats, s_idx, s_val, mu, cstats, n, k, hidden, ignore_index, float(temperature),
+            BR=rows, BK=tiles["BK"], BH=tiles["BH"], num_warps=tiles["NW_COS"],
+        )
+        cos = cstats[:, 0].clone()
+    else:
+        mu, cstats = _dense_forward(logits, labels, embedding, stats, tie, temperature, ignore_index)
+        cos = cstats[:, 0].clone()
+    return ce, cos, correct.bool(), (stats, tie, s_idx, s_val, mu, cstats)
+
+
+def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+                  need_logits_grad, need_embedding_grad):
+    stats, tie, s_idx, s_val, mu, cstats = saved
+    n, vocab = logits.shape
+    hidden = embedding.shape[1]
+    device = logits.device
+    grad_ce = grad_ce.to(torch.float32).contiguous()
+    grad_cos = grad_cos.to(torch.float32).contiguous()
+    want_demb = need_embedding_grad and with_cos
+    if n == 0:
+        dlogits = torch.zeros_like(logits) if need_logits_grad else None
+        demb = torch.zeros_like(embedding) if want_demb else None
+        return dlogits, demb
+    if with_cos and k > SPARSE_MAX_K:
+        return _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, ignore_index,
+                               need_logits_grad, want_demb)
+    tiles = _tiles(n, k, hidden)
+    rows = tiles["BR"]
+    demb = None
+    coef = _empty(device)
+    s_dot = _empty(device)
+    if with_cos and (need_logits_grad or want_demb):
+        # g per row, then the vocabulary pass: s = E[v] . g_n on S, and dE
+        g = torch.empty(n, hidden, device=device, dtype=torch.float32)
+        coef = torch.empty(n, 4, device=device, dtype=torch.float32)
+        direction_kernel[(triton.cdiv(n, rows),)](
+            embedding, labels, mu, cstats, grad_cos, g, coef, n, hidden, ignore_index,
+            BR=rows, BH=tiles["BH"], num_warps=tiles["NW_COS"],
+        )
+        contributes = (labels != ignore_index) & (grad_cos != 0)
+        keys_s = torch.where(contributes[:, None], 2 * s_idx, 2 * vocab).reshape(-1)
+        keys_t = torch.where(contributes & want_demb, 2 * labels + 1, 2 * vocab).to(torch.int32)
+        s_dot = torch.empty(n, k, device=device, dtype=torch.float32) if need_logits_grad else _empty(device)
+        demb = _vocabulary_pass(torch.cat([keys_s, keys_t]), n * k, k, embedding, s_dot, s_val, stats, coef, g, mu,
+                                temperature, need_logits_grad, want_demb, base=None)
+        del g
+    dlogits = None
+    if need_logits_grad:
+        dlogits = torch.empty(n, vocab, device=device, dtype=logits.dtype)
+        backward_rows_kernel[(triton.cdiv(n, rows),)](
+            logits, logits.stride(0), labels, grad_ce, grad_cos, stats, tie, s_idx, s_val, s_dot, coef, dlogits,
+            n, vocab, k, ignore_index, float(temperature),
+            WITH_COS=with_cos, BR=rows, BV=_row_block(vocab), BK=tiles["BK_BWD"], num_warps=tiles["NW_BWD"],
+        )
+    return dlogits, demb
+
+
+def _vocabulary_pass(keys, nk, k, embedding, s_dot, s_val, stats, coef, g, mu, temperature, write_s, write_demb,
+                     base):
+    """s on S (when write_s) and dE (when write_demb) from the entry keys 2 * v + is_target
+    (2 * V marks an entry that adds nothing)."""
+    vocab, hidden = embedding.shape
+    device = embedding.device
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    offsets = torch.searchsorted(sorted_keys, torch.arange(2 * vocab + 1, device=device, dtype=sorted_keys.dtype))
+    del sorted_keys
+    demb = torch.empty_like(embedding) if write_demb else _empty(device, embedding.dtype)
+    tiles = _vocab_tiles(hidden)
+    embedding_grad_kernel[(triton.cdiv(vocab, tiles["VB"]),)](
+        demb, base if base is not None else _empty(device), s_dot, perm, offsets, s_val, stats, coef, g, mu, embedding,
+        vocab, nk, max(k, 1), hidden, float(temperature),
+        WRITE_S=write_s, WRITE_DE=write_demb, HAS_BASE=base is not None,
+        VB=tiles["VB"], BE=tiles["BE"], HP=tiles["HP"], num_warps=tiles["NW"],
+    )
+    return demb if write_demb else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense path (k > SPARSE_MAX_K): S given by the threshold the row kernel found; the cosine term
+# through matrix products with E over blocks of rows.
+
+
+def _dense_blocks(n: int, vocab: int):
+    rows = max(1, DENSE_BLOCK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
+def _dense_weights(z, stats, tie, temperature, valid):
+    """softmax over S at temperature T, as a dense [rows, V] float32 (zero outside S)."""
+    t_val = stats[:, 3:4]
+    positions = torch.arange(z.shape[1], device=z.device)
+    member = (z > t_val) | ((z == t_val) & (positions[None, :] <= tie[:, None])) | torch.isnan(z)
+    member &= valid[:, None]
+    weights = torch.exp(z / temperature - stats[:, 1:2]) / stats[:, 2:3]
+    return torch.where(member, weights, torch.zeros((), device=z.device))
+
+
+def _float_table(embedding):
+    return embedding if embedding.dtype == torch.float32 else embedding.float()
+
+
+def _dense_forward(logits, labels, embedding, stats, tie, temperature, ignore_index):
+    n, vocab = logits.shape
+    table = _float_table(embedding)
+    valid = labels != ignore_index
+    mu = torch.zeros(n, embedding.shape[1], device=logits.device, dtype=torch.float32)
+    for start, end in _dense_blocks(n, vocab):
+        z = logits[start:end].float()
+        w = _dense_weights(z, stats[start:end], tie[start:end], temperature, valid[start:end])
+        mu[start:end] = w @ table
+    e = table.index_select(0, torch.where(valid, labels, 0))
+    dot = (mu * e).sum(1)
+    norm_mu = mu.norm(dim=1)
+    norm_e = e.norm(dim=1)
+    cos = dot / (norm_mu.clamp_min(EPS) * norm_e.clamp_min(EPS))
+    cos = torch.where(torch.isnan(stats[:, 0]), torch.full_like(cos, float("nan")), cos)
+    cstats = torch.stack([cos, norm_mu, norm_e, dot], dim=1)
+    cstats = torch.where(valid[:, None], cstats, torch.zeros((), device=cstats.device))
+    return mu, cstats
+
+
+def _row_coefficients(cstats, grad_cos):
+    """g = a e + b mu, d cos / d e = a mu + d e and s_bar = mu . g per row; and the vocabulary
+    pass's coefficients (grad_cos, grad_cos * a, grad_cos * d, s_bar) as in direction_kernel."""
+    cos, norm_mu, norm_e = cstats[:, 0], cstats[:, 1], cstats[:, 2]
+    nm_c, ne_c = norm_mu.clamp_min(EPS), norm_e.clamp_min(EPS)
+    a = 1.0 / (nm_c * ne_c)
+    zero = torch.zeros((), device=cstats.device)
+    b = torch.where(norm_mu >= EPS, -cos / (nm_c * nm_c), zero)
+    d = torch.where(norm_e >= EPS, -cos / (ne_c * ne_c), zero)
+    s_bar = a * cstats[:, 3] + b * norm_mu * norm_mu
+    return torch.stack([grad_cos, grad_cos * a, grad_cos * d, s_bar], dim=1), a, b, s_bar
+
+
+def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, ignore_index,
+                    need_logits_grad, want_demb):
+    stats, tie, _, _, mu, cstats = saved
+    n, vocab = logits.shape
+    device = logits.device
+    table = _float_table(embedding)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0)
+    coef, a, b, s_bar = _row_coefficients(cstats, grad_cos)
+    coef = torch.where(valid[:, None], coef, torch.zeros((), device=device))
+    dlogits = torch.empty_like(logits) if need_logits_grad else None
+    dtable = torch.zeros(vocab, embedding.shape[1], device=device, dtype=torch.float32) if want_demb else None
+    for start, end in _dense_blocks(n, vocab):
+        rows = slice(start, end)
+        z = logits[rows].float()
+        w = _dense_weights(z, stats[rows], tie[rows], temperature, valid[rows])
+        e = table.index_select(0, safe_labels[rows])
+        g = a[rows, None] * e + b[rows, None] * mu[rows]
+        if need_logits_grad:
+            s = g @ table.T
+            dz = torch.exp(z - stats[rows, 0:1])
+            dz[torch.arange(end - start, device=device), safe_labels[rows]] -= 1.0
+            dz = grad_ce[rows, None] * dz + (grad_cos[rows, None] / temperature) * w * (s - s_bar[rows, None])
+            dlogits[rows] = torch.where(valid[rows, None], dz, torch.zeros((), device=device)).to(logits.dtype)
+        if want_demb:
+            # a NaN row poisons its own S only (as the sparse gather would), not every row of dE
+            nan_rows = torch.isnan(g).any(1)
+            dtable += (w * torch.where(valid[rows], grad_cos[rows], 0.0)[:, None]).T @ torch.where(
+                nan_rows[:, None], torch.zeros((), device=device), g)
+            if bool(nan_rows.any()):
+                dtable[(w != 0).logical_or(torch.isnan(w))[nan_rows].any(0)] = float("nan")
+    demb = None
+    if want_demb:
+        keys = torch.where(valid & (grad_cos != 0), 2 * labels + 1, 2 * vocab).to(torch.int32)
+        demb = _vocabulary_pass(keys, 0, 1, embedding, _empty(device), _empty(device), stats, coef, _empty(device),
+                                mu, temperature, False, True, base=dtable)
+    return dlogits, demb

@@ -1,0 +1,212 @@
+"""Forward kernels: per-row statistics and top-K selection, then the cosine term.
+
+Both kernels handle a block of BR rows per step ([BR, BV] tiles): BR = 1 on a GPU (one row
+per program step, the natural mapping), larger under the interpreter, whose cost is per
+operation.
+
+``row_stats_kernel`` (persistent: program p takes row blocks p, p + G, ...):
+  pass 0   one read of the row: per-lane running max and sum of exponentials
+           (logsumexp), per-lane argmax (ties: lower index);
+  bound    the lane maxima (BV of them) are a subset of the row, so their K-th largest
+           is a lower bound L on the row's K-th largest; two radix passes over those BV
+           keys, in registers, give L to 16 bits;
+  pass 1   second read of the row (from L2): the candidates (key >= L) in index order to
+           a per-program scratch of capacity C (typically a little over K of them);
+  select   radix passes over the candidates give the exact K-th key t and how many keys
+           equal to t are taken; a compaction writes S (vocabulary index, value) in index
+           order, the softmax normaliser over S at temperature T, the threshold value and
+           the largest taken index among ties (``tie_cut``): together they make "v in S"
+           an elementwise test for the backward;
+  fallback rows with more than C candidates (adversarial rows, many -inf) redo the radix
+           passes and the compaction over the whole row.
+MODE 0 skips the selection (no cosine term); MODE 2 finds the threshold over the whole
+row without writing S (the dense path for large K).
+
+``cosine_kernel``: mu = sum_S w_i E[i] in chunks of H ([BR, BK, BH] tiles of gathered
+embedding rows), e = E[y], and cos; saves mu (float32) and |mu|, |e|, mu . e.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .select import compact, radix_bound_registers, radix_kth, sort_key
+
+EPS = tl.constexpr(1e-12)
+NEG_BIG = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: start of the running max, below every finite value
+INT_BIG = tl.constexpr(2147483647)
+
+
+@triton.jit
+def row_stats_kernel(
+    logits_ptr, stride_row, labels_ptr, N, V, K, C, ignore_index, temperature,
+    ce_ptr, correct_ptr, stats_ptr, tie_ptr, s_idx_ptr, s_val_ptr, scratch_idx_ptr, scratch_val_ptr,
+    MODE: tl.constexpr, KEY16: tl.constexpr, NPASS: tl.constexpr,
+    BR: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
+):
+    DT: tl.constexpr = logits_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    lanes = tl.arange(0, BV)
+    local = tl.arange(0, BR)
+    scratch_rows = (tl.cast(pid, tl.int64) * BR + local) * C
+    for block in range(pid, tl.cdiv(N, BR), n_prog):
+        rows = block * BR + local
+        rows64 = tl.cast(rows, tl.int64)
+        row_in = rows < N
+        y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
+        valid = row_in & (y != ignore_index)
+        row_ptrs = logits_ptr + rows64 * stride_row
+        zero = tl.zeros([BR], tl.float32)
+        ce = zero
+        correct = tl.zeros([BR], tl.int32)
+        lse = zero
+        m_t = zero
+        z_sum = zero
+        t_val = zero
+        tie_cut = tl.zeros([BR], tl.int32) - 1
+        if tl.max(valid.to(tl.int32), 0) > 0:
+            # pass 0: logsumexp, argmax, lane maxima
+            m_vec = tl.full([BR, BV], NEG_BIG, tl.float32)
+            s_vec = tl.zeros([BR, BV], tl.float32)
+            arg_vec = tl.zeros([BR, BV], tl.int32) + lanes[None, :]
+            for start in range(0, V, BV):
+                offs = start + lanes
+                z = tl.load(row_ptrs[:, None] + offs[None, :], mask=valid[:, None] & (offs < V)[None, :],
+                            other=float("-inf")).to(tl.float32)
+                better = z > m_vec  # false for NaN and for the -inf padding
+                m_new = tl.where(better, z, m_vec)
+                s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(z - m_new)  # a NaN propagates into s
+                arg_vec = tl.where(better, offs[None, :], arg_vec)
+                m_vec = m_new
+            m = tl.max(m_vec, 1)
+            lse = m + tl.log(tl.where(valid, tl.sum(s_vec * tl.exp(m_vec - m[:, None]), 1), 1.0))
+            argmax = tl.min(tl.where(m_vec == m[:, None], arg_vec, INT_BIG), 1)
+            has_nan = valid & (lse != lse)
+            if tl.max(has_nan.to(tl.int32), 0) > 0:  # argmax of a row with NaN is its first NaN, as torch.argmax
+                first_nan = tl.zeros([BR], tl.int32) + INT_BIG
+                for start in range(0, V, BV):
+                    offs = start + lanes
+                    z = tl.load(row_ptrs[:, None] + offs[None, :], mask=has_nan[:, None] & (offs < V)[None, :],
+                                other=0.0)
+                    first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, offs[None, :], INT_BIG), 1))
+                argmax = tl.where(first_nan < INT_BIG, first_nan, argmax)
+            z_y = tl.load(row_ptrs + y, mask=valid, other=0.0).to(tl.float32)
+            ce = tl.where(valid, lse - z_y, 0.0)
+            correct = (valid & (argmax == y)).to(tl.int32)
+            lse = tl.where(valid, lse, 0.0)
+            m_t = tl.where(valid, tl.div_rn(tl.where(m <= NEG_BIG, float("-inf"), m), temperature), 0.0)
+            if MODE != 0:
+                out_idx = s_idx_ptr + rows64 * K
+                out_val = s_val_ptr + rows64 * K
+                kk = tl.zeros([BR], tl.int32) + K
+                n_row = tl.where(valid, V, 0)
+                if MODE == 1:
+                    if K < V:
+                        # lower bound from the lane maxima, then the candidates
+                        lane_max = tl.where(m_vec <= NEG_BIG, float("-inf"), m_vec).to(DT)
+                        ok = valid[:, None] & (lanes < V)[None, :]
+                        bound = radix_bound_registers(sort_key(lane_max, KEY16), ok, kk, 2, BR, BV)
+                        count = tl.zeros([BR], tl.int32)
+                        for start in range(0, V, BV):
+                            offs = start + lanes
+                            inside = valid[:, None] & (offs < V)[None, :]
+                            raw = tl.load(row_ptrs[:, None] + offs[None, :], mask=inside, other=float("-inf"))
+                            cand = inside & (sort_key(raw, KEY16) >= bound[:, None])
+                            pos = count[:, None] + tl.cumsum(cand.to(tl.int32), 1) - 1
+                            keep = cand & (pos < C)
+                            tl.store(scratch_idx_ptr + scratch_rows[:, None] + pos, tl.zeros_like(pos) + offs[None, :],
+                                     mask=keep)
+                            tl.store(scratch_val_ptr + scratch_rows[:, None] + pos, raw.to(tl.float32), mask=keep)
+                            count += tl.sum(cand.to(tl.int32), 1)
+                        # the scratch was written by other threads of this program: make it visible
+                        tl.debug_barrier()
+                        over = valid & (count > C)
+                        n_scratch = tl.where(valid & ~over, count, 0)
+                        t_key, need = radix_kth(scratch_val_ptr + scratch_rows, n_scratch, kk, DT, KEY16,
+                                                NPASS, BR, BC)
+                        z_sum, t_val, tie_cut = compact(
+                            scratch_val_ptr + scratch_rows, scratch_idx_ptr + scratch_rows, n_scratch, t_key, need,
+                            out_idx, out_val, K, temperature, m_t, DT, KEY16, True, True, BC)
+                        n_row = tl.where(over, V, 0)
+                if tl.max(n_row, 0) > 0:  # MODE 2, K >= V, or rows with too many candidates
+                    t_key2 = tl.zeros([BR], tl.int32) + (-2147483647 - 1)  # below every key: K >= V takes all
+                    need2 = tl.zeros([BR], tl.int32)
+                    if K < V:
+                        t_key2, need2 = radix_kth(row_ptrs, n_row, kk, DT, KEY16, NPASS, BR, BV)
+                    z_sum2, t_val2, tie_cut2 = compact(
+                        row_ptrs, row_ptrs, n_row, t_key2, need2, out_idx, out_val, K, temperature, m_t,
+                        DT, KEY16, False, MODE == 1, BV)
+                    if K >= V:  # S is the whole row: make the membership test say so
+                        t_val2 = tl.zeros([BR], tl.float32) + float("-inf")
+                        tie_cut2 = tl.zeros([BR], tl.int32) + (V - 1)
+                    from_rows = n_row > 0
+                    z_sum = tl.where(from_rows, z_sum2, z_sum)
+                    t_val = tl.where(from_rows, t_val2, t_val)
+                    tie_cut = tl.where(from_rows, tie_cut2, tie_cut)
+        tl.store(ce_ptr + rows64, ce, mask=row_in)
+        tl.store(correct_ptr + rows64, correct.to(tl.int8), mask=row_in)
+        tl.store(stats_ptr + rows64 * 4 + 0, lse, mask=row_in)
+        tl.store(stats_ptr + rows64 * 4 + 1, m_t, mask=row_in)
+        tl.store(stats_ptr + rows64 * 4 + 2, z_sum, mask=row_in)
+        tl.store(stats_ptr + rows64 * 4 + 3, t_val, mask=row_in)
+        tl.store(tie_ptr + rows64, tie_cut, mask=row_in)
+        if MODE == 1:
+            tl.debug_barrier()  # every read of the scratch is done before the next block overwrites it
+
+
+@triton.jit
+def cosine_kernel(
+    emb_ptr, labels_ptr, stats_ptr, s_idx_ptr, s_val_ptr, mu_ptr, cstats_ptr,
+    N, K, H, ignore_index, temperature,
+    BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+):
+    rows64 = tl.cast(tl.program_id(0), tl.int64) * BR + tl.arange(0, BR)
+    row_in = rows64 < N
+    y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
+    valid = row_in & (y != ignore_index)
+    zero = tl.zeros([BR], tl.float32)
+    cos = zero
+    norm_mu = zero
+    norm_e = zero
+    dot = zero
+    if tl.max(valid.to(tl.int32), 0) > 0:
+        lse = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
+        m_t = tl.load(stats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
+        z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=valid, other=1.0)
+        ks = tl.arange(0, BK)
+        hs = tl.arange(0, BH)
+        dot_vec = tl.zeros([BR, BH], tl.float32)
+        mu2_vec = tl.zeros([BR, BH], tl.float32)
+        e2_vec = tl.zeros([BR, BH], tl.float32)
+        e_rows = emb_ptr + tl.where(valid, y, 0) * H
+        for h0 in range(0, H, BH):
+            h = h0 + hs
+            h_in = h < H
+            acc = tl.zeros([BR, BK, BH], tl.float32)
+            for k0 in range(0, K, BK):
+                k = k0 + ks
+                in_s = valid[:, None] & (k < K)[None, :]
+                vocab = tl.load(s_idx_ptr + rows64[:, None] * K + k[None, :], mask=in_s, other=0)
+                z = tl.load(s_val_ptr + rows64[:, None] * K + k[None, :], mask=in_s, other=0.0).to(tl.float32)
+                w = tl.exp(tl.div_rn(z, temperature) - m_t[:, None]) / z_sum[:, None]
+                w = tl.where(in_s, w, 0.0)
+                gathered = tl.load(emb_ptr + tl.cast(vocab, tl.int64)[:, :, None] * H + h[None, None, :],
+                                   mask=in_s[:, :, None] & h_in[None, None, :], other=0.0)
+                acc += w[:, :, None] * gathered.to(tl.float32)
+            mu = tl.sum(acc, 1)
+            both = valid[:, None] & h_in[None, :]
+            e = tl.load(e_rows[:, None] + h[None, :], mask=both, other=0.0).to(tl.float32)
+            tl.store(mu_ptr + rows64[:, None] * H + h[None, :], mu, mask=both)
+            dot_vec += mu * e
+            mu2_vec += mu * mu
+            e2_vec += e * e
+        dot = tl.sum(dot_vec, 1)
+        norm_mu = tl.sqrt(tl.sum(mu2_vec, 1))
+        norm_e = tl.sqrt(tl.sum(e2_vec, 1))
+        cos = dot / (tl.maximum(norm_mu, EPS) * tl.maximum(norm_e, EPS))
+        cos = tl.where(lse != lse, float("nan"), cos)
+    tl.store(cstats_ptr + rows64 * 4 + 0, cos, mask=row_in)
+    tl.store(cstats_ptr + rows64 * 4 + 1, norm_mu, mask=row_in)
+    tl.store(cstats_ptr + rows64 * 4 + 2, norm_e, mask=row_in)
+    tl.store(cstats_ptr + rows64 * 4 + 3, dot, mask=row_in)
