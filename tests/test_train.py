@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -294,3 +295,68 @@ def test_cli_compare_grid(hf, tmp_path):
     except ImportError:
         return
     assert (out / "comparison.png").stat().st_size > 1000
+
+
+DDP_SCRIPT = r'''
+import json, os, sys
+import torch, transformers, datasets
+from fused_cosloss.hf import MixedLossForTrainer, causal_lm_labels, pad_for_distributed_eval
+transformers.logging.set_verbosity_error()
+batch = int(sys.argv[1])
+args = transformers.TrainingArguments(output_dir=sys.argv[2], report_to="none", disable_tqdm=True, use_cpu=True,
+    per_device_train_batch_size=batch, per_device_eval_batch_size=2, max_steps=1, save_strategy="no",
+    max_grad_norm=0.0, dataloader_pin_memory=False)
+torch.manual_seed(0)
+config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                 embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+model = transformers.GPT2LMHeadModel(config)
+ids = torch.randint(0, 50, (4, 12))
+labels = causal_lm_labels(ids)
+labels[0, 4:] = -100
+labels[2, 8:] = -100
+data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+evaluation = pad_for_distributed_eval(data.select(range(3)), 2, args.world_size)
+loss_fn = MixedLossForTrainer(model, alpha=0.5, topk=8, backend="reference")
+optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=evaluation,
+    data_collator=transformers.default_data_collator,
+    optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)), **loss_fn.trainer_kwargs())
+trainer.train()
+metrics = trainer.evaluate()
+if int(os.environ.get("RANK", "0")) == 0:
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    print("RESULT " + json.dumps({"params": flat.tolist(), "tokens": metrics["eval_tokens"],
+                                  "ce": metrics["eval_ce_loss"], "world": args.world_size}))
+'''
+
+
+@pytest.mark.slow
+def test_trainer_ddp_two_processes_equal_one_batch(hf, tmp_path):
+    """torchrun with 2 CPU processes (gloo): one step equals one process with the whole batch; exact eval sums."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+
+    def run(command):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                   cwd=tmp_path, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)  # the launcher and its workers
+            stdout, stderr = process.communicate()
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        assert process.returncode == 0 and lines, stdout[-2000:] + stderr[-4000:]
+        return json.loads(lines[0][len("RESULT "):])
+
+    one = run([sys.executable, str(script), "4", str(tmp_path / "one")])
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), "2", str(tmp_path / "two")])
+    assert one["world"] == 1 and two["world"] == 2
+    torch.testing.assert_close(torch.tensor(two["params"]), torch.tensor(one["params"]), rtol=1e-5, atol=1e-6)
+    assert two["tokens"] == one["tokens"] == 3 + 11 + 7 and two["ce"] == pytest.approx(one["ce"], rel=1e-5)
