@@ -41,8 +41,12 @@ def run(backend, logits, labels, embedding, weights=(1.0, 0.5, 0.25), **options)
 
 
 def assert_matches(actual, expected, rel):
-    for key in ("loss", "ce", "cos", "cos_sim_sum", "dlogits", "dembedding"):
+    for key in ("loss", "ce", "dlogits", "dembedding"):
         assert_close_rel(actual[key], expected[key], rel, key)
+    # a cosine distance is O(1) however close to 0 it is; a sum of n cosines is O(n)
+    assert_close_rel(actual["cos"], expected["cos"], rel, "cos", floor=1.0)
+    n = actual["dlogits"].shape[0]
+    assert_close_rel(actual["cos_sim_sum"], expected["cos_sim_sum"], rel, "cos_sim_sum", floor=float(n))
     assert int(actual["n_correct"]) == int(expected["n_correct"])
 
 
@@ -87,7 +91,7 @@ def test_selected_set_is_the_reference_top_k(native, vocab, k, kind, gen):
 @pytest.mark.parametrize("k", [1, 37, 256])
 def test_large_vocabulary_matches_reference(native, dtype, extra, k, gen):
     backend_or_skip("native", "cpu", dtype)
-    logits, labels, embedding = make_inputs(gen, 12, 7919, 24, dtype=dtype, **extra)
+    logits, labels, embedding = make_inputs(gen, 8, 4001, 24, dtype=dtype, **extra)
     for temperature in (0.05, 1.0, 10.0):
         options = dict(alpha=0.5, temperature=temperature, topk=k, reduction="sum")
         assert_matches(run("native", logits, labels, embedding, **options),

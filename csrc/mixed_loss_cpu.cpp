@@ -1,0 +1,652 @@
+// The native CPU kernel of fused_cosloss: the mixed loss of SPEC.md,
+//   loss_n = alpha * (1 - cos_n) + (1 - alpha) * ce_n,
+// computed per row (position) and differentiated by hand. Python (native.py)
+// calls forward() and backward() through the shared KernelRows autograd Function;
+// alpha and the reduction live in the caller's coefficients grad_ce / grad_cos.
+//
+// Forward, per valid row n (rows split over threads with at::parallel_for):
+//   1. one pass over z_n (from memory): per-block maxima (blocks of `bs` logits),
+//      the row max m and a NaN check;
+//   2. sum exp(z - m) from L2 (vexp, an inlined vectorised exp): lse, ce, argmax == label;
+//   3. top-k by selection: the k-th largest block maximum t0 is a lower bound of
+//      the k-th largest logit, so only blocks whose maximum is >= t0 are scanned
+//      for candidates z >= t0 (about 1.2 k of them for random rows); the k-th best
+//      candidate under (value desc, index asc) is found with nth_element, and S is
+//      the candidates no worse than it, kept in vocabulary order (tie rule exact);
+//   4. w = softmax(z_S / T); mu = sum w_i E[i] (the gather, skipping w_i == 0);
+//      cos; g = dcos/dmu and g_e = dcos/de; s_i = E[i] . g while those rows are
+//      still in cache; c_i = w_i (s_i - sum_j w_j s_j) / T.
+//   Saved: stats [N,2] = (lse, cos), idx [N,K] int32, w [N,K], c [N,K], g2 [N,2,H].
+// Backward:
+//   dz_n = grad_ce_n * (exp(z_n - lse_n) - onehot(y_n)), plus grad_cos_n * c at S,
+//   built in L1-sized float tiles and written once per element with streaming stores;
+//   dE: the (vocabulary row, contribution) pairs grad_cos_n * w_{n,i} * g_n and
+//   grad_cos_n * g_e,n are counting-sorted by vocabulary row (CSR, fixed order), then
+//   each vocabulary row is summed by one thread in that order: deterministic and
+//   independent of the number of threads, no atomics.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "mixed_loss_cpu.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace fcl {
+namespace {
+
+constexpr float kEps = 1e-12f;
+// The embedding gather prefetches this many rows ahead (with prefetcht1, into L2:
+// measured clearly faster here than prefetcht0 or no prefetch).
+constexpr int64_t kPrefetchRows = 2;
+
+// Opt-in (FUSED_COSLOSS_NATIVE_THP=1): ask Linux for transparent huge pages on the
+// 2 MiB-aligned interior of a fresh, large output before its first touch. Faulting in
+// 250 MB of gradients in 4 KiB pages costs tens of milliseconds of system time; with
+// huge pages a few. Off by default: where THP defrag is "madvise" (common), a process
+// that churns memory (a training step, or a benchmark alternating with other code)
+// stalls in direct compaction instead, which measured about 2x slower here.
+void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  static const bool enabled = [] {
+    const char* v = std::getenv("FUSED_COSLOSS_NATIVE_THP");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  if (!enabled || bytes < static_cast<int64_t>(4 * kHuge)) return;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+struct Cand {
+  float v;
+  int32_t i;
+};
+
+// a ranks before b: larger value, then lower index.
+inline bool better(const Cand& a, const Cand& b) {
+  return a.v > b.v || (a.v == b.v && a.i < b.i);
+}
+
+int64_t block_size_for(int64_t vocab, int64_t k) {
+  int64_t bs = (vocab / (3 * k)) / 16 * 16;
+  return std::min<int64_t>(std::max<int64_t>(bs, 16), 512);
+}
+
+template <typename T>
+inline const float* row_as_float(const T* src, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    to_float_row(src, buf.data(), n);
+    return buf.data();
+  }
+}
+
+struct Shapes {
+  int64_t n, vocab, hidden, k, row_stride, bs, nblocks;
+};
+
+template <typename TL, typename TE>
+struct ForwardRows {
+  Shapes s;
+  const TL* logits;
+  const int64_t* labels;
+  const TE* emb;
+  float temperature;
+  int64_t ignore_index;
+  bool with_cos;
+  float* ce;
+  float* cosv;
+  bool* correct;
+  float* stats;
+  int32_t* idx;
+  float* w;
+  float* c;
+  float* g2;
+
+  // thread-local scratch
+  std::vector<float> zbuf, bmax, bsel, mu, ebuf, rowbuf, sv, sbuf;
+  std::vector<Cand> cand, tmp;
+
+  void init_scratch() {
+    if (!std::is_same_v<TL, float>) zbuf.resize(s.vocab);
+    bmax.resize(s.nblocks);
+    bsel.resize(s.nblocks);
+    if (with_cos) {
+      mu.resize(s.hidden);
+      ebuf.resize(s.hidden);
+      if (!std::is_same_v<TE, float>) rowbuf.resize(s.hidden);
+      sv.resize(s.k);
+      sbuf.resize(s.k);
+      cand.reserve(std::min<int64_t>(s.vocab, 8 * s.k + 1024));
+    }
+  }
+
+  const float* emb_row(int64_t v, std::vector<float>& buf) const {
+    const TE* p = emb + v * s.hidden;
+    return row_as_float(p, s.hidden, buf);
+  }
+
+  void ignored_row(int64_t n) {
+    ce[n] = 0.f;
+    cosv[n] = 0.f;
+    correct[n] = false;
+    stats[2 * n] = 0.f;
+    stats[2 * n + 1] = 0.f;
+    if (with_cos) fill_saved_for_skipped_row(n, 0.f);
+  }
+
+  void fill_saved_for_skipped_row(int64_t n, float ge_value) {
+    std::fill_n(idx + n * s.k, s.k, int32_t{-1});
+    std::fill_n(w + n * s.k, s.k, 0.f);
+    std::fill_n(c + n * s.k, s.k, 0.f);
+    std::fill_n(g2 + n * 2 * s.hidden, s.hidden, 0.f);
+    std::fill_n(g2 + (n * 2 + 1) * s.hidden, s.hidden, ge_value);
+  }
+
+  void run(int64_t n) {
+    const int64_t y = labels[n];
+    if (y == ignore_index) {
+      ignored_row(n);
+      return;
+    }
+    const int64_t V = s.vocab, bs = s.bs;
+    const float* z = row_as_float(logits + n * s.row_stride, V, zbuf);
+
+    // Pass 1: block maxima, row max, NaN check.
+    Vec nan_probe(-kInf);
+    float m = -kInf;
+    bool has_nan = false;
+    for (int64_t b = 0; b < s.nblocks; ++b) {
+      const int64_t lo = b * bs, hi = std::min(V, lo + bs);
+      int64_t j = lo;
+      float bm = -kInf;
+      if (j + kVec <= hi) {
+        Vec bv = Vec::loadu(z + j);
+        for (j += kVec; j + kVec <= hi; j += kVec) bv = at::vec::maximum(bv, Vec::loadu(z + j));
+        nan_probe = at::vec::maximum(nan_probe, bv);
+        bm = hmax(bv);
+      }
+      for (; j < hi; ++j) {
+        const float x = z[j];
+        bm = x > bm ? x : bm;
+        has_nan |= (x != x);
+      }
+      bmax[b] = bm;
+      m = bm > m ? bm : m;
+    }
+    {
+      float lanes[kVec];
+      nan_probe.store(lanes);
+      for (int64_t l = 0; l < kVec; ++l) has_nan |= std::isnan(lanes[l]);
+    }
+    if (has_nan) {
+      nan_row(n, z, y);
+      return;
+    }
+
+    // Pass 2: log-sum-exp (torch.logsumexp's convention for an infinite max).
+    const float shift = std::isinf(m) ? 0.f : m;
+    {
+      const Vec sh(shift);
+      Vec a0(0.f), a1(0.f);
+      int64_t j = 0;
+      for (; j + 2 * kVec <= V; j += 2 * kVec) {
+        a0 = a0 + vexp(Vec::loadu(z + j) - sh);
+        a1 = a1 + vexp(Vec::loadu(z + j + kVec) - sh);
+      }
+      for (; j + kVec <= V; j += kVec) a0 = a0 + vexp(Vec::loadu(z + j) - sh);
+      float sum = hsum(a0 + a1);
+      for (; j < V; ++j) sum += std::exp(z[j] - shift);
+      const float lse = shift + std::log(sum);
+      ce[n] = lse - z[y];
+      stats[2 * n] = lse;
+    }
+    correct[n] = is_first_max(z, y, m);
+
+    if (!with_cos) {
+      cosv[n] = 0.f;
+      stats[2 * n + 1] = 0.f;
+      return;
+    }
+    int32_t* S = idx + n * s.k;
+    select_topk(z, S);
+    cosine_row(n, z, y, m, S);
+  }
+
+  bool is_first_max(const float* z, int64_t y, float m) const {
+    if (!(z[y] == m)) return false;
+    const int64_t by = y / s.bs;
+    for (int64_t b = 0; b < by; ++b)
+      if (bmax[b] == m) return false;
+    for (int64_t j = by * s.bs; j < y; ++j)
+      if (z[j] == m) return false;
+    return true;
+  }
+
+  void nan_row(int64_t n, const float* z, int64_t y) {
+    // torch.argmax takes the first NaN as the maximum.
+    int64_t first = 0;
+    while (first < s.vocab && !(z[first] != z[first])) ++first;
+    ce[n] = kNaN;
+    correct[n] = first == y;
+    stats[2 * n] = kNaN;
+    cosv[n] = with_cos ? kNaN : 0.f;
+    stats[2 * n + 1] = cosv[n];
+    if (with_cos) fill_saved_for_skipped_row(n, kNaN);
+  }
+
+  // S <- the k largest of z (no NaN), lower index first among equal values, in index order.
+  void select_topk(const float* z, int32_t* S) {
+    const int64_t V = s.vocab, K = s.k, bs = s.bs;
+    if (K >= V) {
+      for (int64_t i = 0; i < V; ++i) {
+        S[i] = static_cast<int32_t>(i);
+        sv[i] = z[i];
+      }
+      return;
+    }
+    float t0 = -kInf;
+    if (K <= s.nblocks) {
+      std::copy(bmax.begin(), bmax.end(), bsel.begin());
+      std::nth_element(bsel.begin(), bsel.begin() + (K - 1), bsel.end(), std::greater<float>());
+      t0 = bsel[K - 1];
+    }
+    cand.clear();
+    for (int64_t b = 0; b < s.nblocks; ++b) {
+      if (!(bmax[b] >= t0)) continue;
+      const int64_t lo = b * bs, hi = std::min(V, lo + bs);
+      int64_t j = lo;
+      for (; j + 16 <= hi; j += 16) {
+        uint32_t mask = ge_mask16(z + j, t0);
+        while (mask) {
+          const int bit = __builtin_ctz(mask);
+          mask &= mask - 1;
+          cand.push_back({z[j + bit], static_cast<int32_t>(j + bit)});
+        }
+      }
+      for (; j < hi; ++j)
+        if (z[j] >= t0) cand.push_back({z[j], static_cast<int32_t>(j)});
+    }
+    const int64_t C = static_cast<int64_t>(cand.size());
+    TORCH_INTERNAL_ASSERT(C >= K, "fused_cosloss native: top-k candidate bound failed");
+    if (C == K) {
+      for (int64_t i = 0; i < K; ++i) {
+        S[i] = cand[i].i;
+        sv[i] = cand[i].v;
+      }
+      return;
+    }
+    tmp.assign(cand.begin(), cand.end());
+    std::nth_element(tmp.begin(), tmp.begin() + (K - 1), tmp.end(), better);
+    const Cand kth = tmp[K - 1];
+    int64_t o = 0;
+    for (const Cand& x : cand) {
+      if (x.v > kth.v || (x.v == kth.v && x.i <= kth.i)) {
+        S[o] = x.i;
+        sv[o] = x.v;
+        ++o;
+      }
+    }
+    TORCH_INTERNAL_ASSERT(o == K, "fused_cosloss native: top-k selection size mismatch");
+  }
+
+  void cosine_row(int64_t n, const float* z, int64_t y, float m, const int32_t* S) {
+    const int64_t K = s.k, H = s.hidden;
+    float* wn = w + n * K;
+    float* cn = c + n * K;
+    float* g = g2 + n * 2 * H;
+    float* ge = g + H;
+
+    // w = softmax(z_S / T); the max of z_S / T is m / T.
+    const float mx = m / temperature;
+    float total = 0.f;
+    for (int64_t i = 0; i < K; ++i) {
+      sbuf[i] = sv[i] / temperature - mx;
+    }
+    {
+      int64_t i = 0;
+      for (; i + kVec <= K; i += kVec) vexp(Vec::loadu(sbuf.data() + i)).store(sbuf.data() + i);
+      for (; i < K; ++i) sbuf[i] = std::exp(sbuf[i]);
+      for (i = 0; i < K; ++i) total += sbuf[i];
+    }
+    const float inv_total = 1.f / total;
+    for (int64_t i = 0; i < K; ++i) wn[i] = sbuf[i] * inv_total;
+
+    // mu = sum_i w_i E[S_i], prefetching the row kPrefetchRows ahead into L2.
+    std::fill(mu.begin(), mu.end(), 0.f);
+    const int64_t row_bytes = H * static_cast<int64_t>(sizeof(TE));
+    for (int64_t i = 0; i < K; ++i) {
+      if (wn[i] == 0.f) continue;
+      if (i + kPrefetchRows < K) prefetch_to_l2(emb + static_cast<int64_t>(S[i + kPrefetchRows]) * H, row_bytes);
+      axpy(wn[i], emb_row(S[i], rowbuf), mu.data(), H);
+    }
+    const float* e = emb_row(y, ebuf);
+    const float dme = dot(mu.data(), e, H);
+    const float nmu = std::sqrt(dot(mu.data(), mu.data(), H));
+    const float ne = std::sqrt(dot(e, e, H));
+    const float dmu = std::max(nmu, kEps), de = std::max(ne, kEps);
+    const float cs = dme / (dmu * de);
+    cosv[n] = cs;
+    stats[2 * n + 1] = cs;
+
+    // g = dcos/dmu = e / (|mu| |e|) - cos mu / |mu|^2 (norms clamped at eps, as autograd of clamp_min)
+    const float a = 1.f / (dmu * de);
+    const float b_mu = nmu >= kEps ? -cs / (nmu * dmu) : 0.f;
+    const float b_e = ne >= kEps ? -cs / (ne * de) : 0.f;
+    lincomb(a, e, b_mu, mu.data(), g, H);
+    lincomb(a, mu.data(), b_e, e, ge, H);
+
+    // s_i = E[S_i] . g, c_i = w_i (s_i - s_bar) / T; in reverse order, so that the rows
+    // gathered last, the likeliest still in cache, come first.
+    float sbar = 0.f;
+    for (int64_t i = K - 1; i >= 0; --i) {
+      if (wn[i] == 0.f) {
+        sbuf[i] = 0.f;
+        continue;
+      }
+      const float si = dot(g, emb_row(S[i], rowbuf), H);
+      sbuf[i] = si;
+      sbar += wn[i] * si;
+    }
+    for (int64_t i = 0; i < K; ++i) cn[i] = wn[i] == 0.f ? 0.f : wn[i] * (sbuf[i] - sbar) / temperature;
+  }
+};
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& emb, int64_t k) {
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu() && emb.device().is_cpu(),
+              "fused_cosloss native: CPU tensors expected");
+  TORCH_CHECK(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1),
+              "fused_cosloss native: logits must be [N, V] with unit stride along V");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
+              "fused_cosloss native: logits must be float32 or bfloat16, got ", logits.scalar_type());
+  TORCH_CHECK(emb.scalar_type() == at::kFloat || emb.scalar_type() == at::kBFloat16,
+              "fused_cosloss native: embedding must be float32 or bfloat16, got ", emb.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous(),
+              "fused_cosloss native: labels must be a contiguous int64 [N]");
+  TORCH_CHECK(emb.dim() == 2 && emb.size(0) == logits.size(1) && emb.is_contiguous(),
+              "fused_cosloss native: embedding must be a contiguous [V, H]");
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) < (int64_t{1} << 31), "fused_cosloss native: V out of range");
+  TORCH_CHECK(k >= 1 && k <= logits.size(1), "fused_cosloss native: k must be in [1, V], got ", k);
+}
+
+Shapes make_shapes(const at::Tensor& logits, const at::Tensor& emb, int64_t k) {
+  Shapes s;
+  s.n = logits.size(0);
+  s.vocab = logits.size(1);
+  s.hidden = emb.size(1);
+  s.k = k;
+  s.row_stride = s.n > 1 ? logits.stride(0) : s.vocab;
+  s.bs = block_size_for(s.vocab, k);
+  s.nblocks = (s.vocab + s.bs - 1) / s.bs;
+  return s;
+}
+
+template <typename TL, typename TE>
+void forward_dispatch(const Shapes& s, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& emb,
+                      double temperature, int64_t ignore_index, bool with_cos, std::vector<at::Tensor>& out) {
+  ForwardRows<TL, TE> proto;
+  proto.s = s;
+  proto.logits = logits.data_ptr<TL>();
+  proto.labels = labels.data_ptr<int64_t>();
+  proto.emb = emb.data_ptr<TE>();
+  proto.temperature = static_cast<float>(temperature);
+  proto.ignore_index = ignore_index;
+  proto.with_cos = with_cos;
+  proto.ce = out[0].data_ptr<float>();
+  proto.cosv = out[1].data_ptr<float>();
+  proto.correct = out[2].data_ptr<bool>();
+  proto.stats = out[3].data_ptr<float>();
+  proto.idx = with_cos ? out[4].data_ptr<int32_t>() : nullptr;
+  proto.w = with_cos ? out[5].data_ptr<float>() : nullptr;
+  proto.c = with_cos ? out[6].data_ptr<float>() : nullptr;
+  proto.g2 = with_cos ? out[7].data_ptr<float>() : nullptr;
+  at::parallel_for(0, s.n, 1, [&](int64_t begin, int64_t end) {
+    ForwardRows<TL, TE> worker = proto;
+    worker.init_scratch();
+    for (int64_t n = begin; n < end; ++n) worker.run(n);
+  });
+}
+
+// Rows are produced in tiles of kTile logits in an L1-resident buffer: the dense term,
+// then the sparse terms at y and at S (both in vocabulary order, merged in), and each
+// tile is written to the gradient once, with streaming stores.
+constexpr int64_t kTile = 2048;
+
+template <typename TL>
+void backward_logits(const Shapes& s, const at::Tensor& logits, const at::Tensor& labels, const float* stats,
+                     const int32_t* idx, const float* c, const float* grad_ce, const float* grad_cos,
+                     int64_t ignore_index, bool with_cos, at::Tensor& dz) {
+  const TL* lp = logits.data_ptr<TL>();
+  TL* dp = dz.data_ptr<TL>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const int64_t V = s.vocab, K = s.k;
+  at::parallel_for(0, s.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zbuf(std::is_same_v<TL, float> ? 0 : V);
+    alignas(64) float tile[kTile];
+    alignas(64) TL out_tile[std::is_same_v<TL, float> ? 1 : kTile];
+    for (int64_t n = begin; n < end; ++n) {
+      TL* drow = dp + n * V;
+      const int64_t y = lab[n];
+      if (y == ignore_index) {
+        std::memset(static_cast<void*>(tile), 0, sizeof tile);
+        for (int64_t t0 = 0; t0 < V; t0 += kTile)
+          stream_bytes(drow + t0, tile, std::min(kTile, V - t0) * static_cast<int64_t>(sizeof(TL)));
+        continue;
+      }
+      const float* z = row_as_float(lp + n * s.row_stride, V, zbuf);
+      const float lse = stats[2 * n];
+      const float gce = grad_ce[n];
+      const float gcos = with_cos ? grad_cos[n] : 0.f;
+      const int32_t* S = with_cos ? idx + n * K : nullptr;
+      const float* cn = with_cos ? c + n * K : nullptr;
+      // S is in increasing vocabulary order (-1 everywhere for a NaN row: no sparse terms).
+      int64_t p = (with_cos && S[0] >= 0) ? 0 : K;
+      const Vec lv(lse), gv(gce);
+      for (int64_t t0 = 0; t0 < V; t0 += kTile) {
+        const int64_t len = std::min(kTile, V - t0);
+        const float* zt = z + t0;
+        int64_t j = 0;
+        for (; j + 2 * kVec <= len; j += 2 * kVec) {
+          (gv * vexp(Vec::loadu(zt + j) - lv)).store(tile + j);
+          (gv * vexp(Vec::loadu(zt + j + kVec) - lv)).store(tile + j + kVec);
+        }
+        for (; j + kVec <= len; j += kVec) (gv * vexp(Vec::loadu(zt + j) - lv)).store(tile + j);
+        for (; j < len; ++j) tile[j] = gce * std::exp(zt[j] - lse);
+        if (y >= t0 && y < t0 + len) tile[y - t0] -= gce;
+        for (; p < K && S[p] < t0 + len; ++p) tile[S[p] - t0] += gcos * cn[p];
+        if constexpr (std::is_same_v<TL, float>) {
+          stream_bytes(drow + t0, tile, len * static_cast<int64_t>(sizeof(float)));
+        } else {
+          from_float_row(tile, out_tile, len);
+          stream_bytes(drow + t0, out_tile, len * static_cast<int64_t>(sizeof(TL)));
+        }
+      }
+    }
+    stream_fence();
+  });
+}
+
+struct Entry {
+  int32_t src;  // 2 * n (g_n) or 2 * n + 1 (g_e,n)
+  float coef;
+};
+
+template <typename TE>
+void backward_embedding(const Shapes& s, const at::Tensor& labels, const float* stats, const int32_t* idx,
+                        const float* w, const float* g2, const float* grad_cos, int64_t ignore_index,
+                        at::Tensor& dE) {
+  const int64_t N = s.n, V = s.vocab, H = s.hidden, K = s.k;
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  auto row_used = [&](int64_t n) {
+    // a zero coefficient contributes nothing unless the row is non-finite (0 * NaN is NaN, as in autograd)
+    return lab[n] != ignore_index && (grad_cos[n] != 0.f || !std::isfinite(stats[2 * n + 1]));
+  };
+  // Counting sort of the contributions by vocabulary row (CSR), in (n, i) order.
+  std::vector<int64_t> offsets(V + 1, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    if (!row_used(n)) continue;
+    const int32_t* S = idx + n * K;
+    const float* wn = w + n * K;
+    for (int64_t i = 0; i < K; ++i)
+      if (S[i] >= 0 && wn[i] != 0.f) ++offsets[S[i] + 1];
+    ++offsets[lab[n] + 1];
+  }
+  for (int64_t v = 0; v < V; ++v) offsets[v + 1] += offsets[v];
+  std::vector<Entry> entries(offsets[V]);
+  {
+    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
+    for (int64_t n = 0; n < N; ++n) {
+      if (!row_used(n)) continue;
+      const float gcos = grad_cos[n];
+      const int32_t* S = idx + n * K;
+      const float* wn = w + n * K;
+      for (int64_t i = 0; i < K; ++i)
+        if (S[i] >= 0 && wn[i] != 0.f) entries[cursor[S[i]]++] = {static_cast<int32_t>(2 * n), gcos * wn[i]};
+      entries[cursor[lab[n]]++] = {static_cast<int32_t>(2 * n + 1), gcos};
+    }
+  }
+  TE* out = dE.data_ptr<TE>();
+  at::parallel_for(0, V, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(H);
+    std::vector<TE> converted(std::is_same_v<TE, float> ? 0 : H);
+    std::vector<TE> zeros(H, TE(0.f));
+    for (int64_t v = begin; v < end; ++v) {
+      TE* orow = out + v * H;
+      const int64_t lo = offsets[v], hi = offsets[v + 1];
+      if (lo == hi) {
+        stream_bytes(orow, zeros.data(), H * static_cast<int64_t>(sizeof(TE)));
+        continue;
+      }
+      float* a = acc.data();
+      scale_to(entries[lo].coef, g2 + static_cast<int64_t>(entries[lo].src) * H, a, H);
+      for (int64_t e = lo + 1; e < hi; ++e) axpy(entries[e].coef, g2 + static_cast<int64_t>(entries[e].src) * H, a, H);
+      if constexpr (std::is_same_v<TE, float>) {
+        stream_bytes(orow, a, H * static_cast<int64_t>(sizeof(float)));
+      } else {
+        from_float_row(a, converted.data(), H);
+        stream_bytes(orow, converted.data(), H * static_cast<int64_t>(sizeof(TE)));
+      }
+    }
+    stream_fence();
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& emb,
+                                double temperature, int64_t k, int64_t ignore_index, bool with_cos) {
+  check_inputs(logits, labels, emb, k);
+  const Shapes s = make_shapes(logits, emb, k);
+  auto f32 = logits.options().dtype(at::kFloat);
+  std::vector<at::Tensor> out;
+  out.push_back(at::empty({s.n}, f32));                                      // ce
+  out.push_back(at::empty({s.n}, f32));                                      // cos
+  out.push_back(at::empty({s.n}, logits.options().dtype(at::kBool)));        // correct
+  out.push_back(at::empty({s.n, 2}, f32));                                   // stats: lse, cos
+  const int64_t kk = with_cos ? s.k : 0;
+  out.push_back(at::empty({with_cos ? s.n : 0, kk}, f32.dtype(at::kInt)));   // idx
+  out.push_back(at::empty({with_cos ? s.n : 0, kk}, f32));                   // w
+  out.push_back(at::empty({with_cos ? s.n : 0, kk}, f32));                   // c
+  out.push_back(at::empty({with_cos ? s.n : 0, 2, s.hidden}, f32));          // g, g_e
+  const bool lbf = logits.scalar_type() == at::kBFloat16, ebf = emb.scalar_type() == at::kBFloat16;
+  using BF = c10::BFloat16;
+  if (!lbf && !ebf) forward_dispatch<float, float>(s, logits, labels, emb, temperature, ignore_index, with_cos, out);
+  if (!lbf && ebf) forward_dispatch<float, BF>(s, logits, labels, emb, temperature, ignore_index, with_cos, out);
+  if (lbf && !ebf) forward_dispatch<BF, float>(s, logits, labels, emb, temperature, ignore_index, with_cos, out);
+  if (lbf && ebf) forward_dispatch<BF, BF>(s, logits, labels, emb, temperature, ignore_index, with_cos, out);
+  return out;
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& emb,
+                                 const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& w,
+                                 const at::Tensor& c, const at::Tensor& g2, const at::Tensor& grad_ce,
+                                 const at::Tensor& grad_cos, int64_t k, int64_t ignore_index, bool with_cos,
+                                 bool need_logits_grad, bool need_embedding_grad) {
+  check_inputs(logits, labels, emb, k);
+  const Shapes s = make_shapes(logits, emb, k);
+  TORCH_CHECK(grad_ce.scalar_type() == at::kFloat && grad_ce.is_contiguous() && grad_ce.numel() == s.n,
+              "fused_cosloss native: grad_ce must be a contiguous float32 [N]");
+  TORCH_CHECK(grad_cos.scalar_type() == at::kFloat && grad_cos.is_contiguous() && grad_cos.numel() == s.n,
+              "fused_cosloss native: grad_cos must be a contiguous float32 [N]");
+  TORCH_CHECK(stats.is_contiguous() && stats.numel() == 2 * s.n, "fused_cosloss native: bad saved stats");
+  if (with_cos) {
+    TORCH_CHECK(idx.is_contiguous() && idx.numel() == s.n * s.k && w.is_contiguous() && w.numel() == s.n * s.k &&
+                    c.is_contiguous() && c.numel() == s.n * s.k && g2.is_contiguous() &&
+                    g2.numel() == s.n * 2 * s.hidden,
+                "fused_cosloss native: bad saved state");
+  }
+  const float* st = stats.data_ptr<float>();
+  const int32_t* ip = with_cos ? idx.data_ptr<int32_t>() : nullptr;
+  const float* wp = with_cos ? w.data_ptr<float>() : nullptr;
+  const float* cp = with_cos ? c.data_ptr<float>() : nullptr;
+  const float* gp = with_cos ? g2.data_ptr<float>() : nullptr;
+  const float* gce = grad_ce.data_ptr<float>();
+  const float* gcos = grad_cos.data_ptr<float>();
+
+  at::Tensor dz, dE;
+  if (need_logits_grad) {
+    dz = at::empty({s.n, s.vocab}, logits.options());
+    advise_huge_pages(dz.data_ptr(), dz.nbytes());
+    if (logits.scalar_type() == at::kBFloat16)
+      backward_logits<c10::BFloat16>(s, logits, labels, st, ip, cp, gce, gcos, ignore_index, with_cos, dz);
+    else
+      backward_logits<float>(s, logits, labels, st, ip, cp, gce, gcos, ignore_index, with_cos, dz);
+  }
+  if (need_embedding_grad && with_cos) {
+    dE = at::empty({s.vocab, s.hidden}, emb.options());
+    advise_huge_pages(dE.data_ptr(), dE.nbytes());
+    if (emb.scalar_type() == at::kBFloat16)
+      backward_embedding<c10::BFloat16>(s, labels, st, ip, wp, gp, gcos, ignore_index, dE);
+    else
+      backward_embedding<float>(s, labels, st, ip, wp, gp, gcos, ignore_index, dE);
+  }
+  return {dz, dE};
+}
+
+std::string capability() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "DEFAULT";
+#endif
+}
+
+int64_t threads_seen() {
+  std::atomic<int64_t> seen{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    const int64_t mine = at::get_thread_num() + 1;
+    int64_t cur = seen.load();
+    while (cur < mine && !seen.compare_exchange_weak(cur, mine)) {
+    }
+  });
+  return seen.load();
+}
+
+}  // namespace fcl
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_cosloss native CPU kernel (see csrc/mixed_loss_cpu.cpp)";
+  m.def("forward", &fcl::forward, "per-row forward: ce, cos, correct and the saved state");
+  m.def("backward", &fcl::backward, "gradients of logits and embedding");
+  m.def("capability", &fcl::capability, "the instruction set this build was compiled for");
+  m.def("threads_seen", &fcl::threads_seen, "how many threads at::parallel_for uses here (diagnostic)");
+}

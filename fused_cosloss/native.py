@@ -1,0 +1,226 @@
+"""The native CPU backend: the C++ kernel in ``csrc/`` behind the kernel-backend protocol.
+
+The extension is compiled with ninja through ``torch.utils.cpp_extension`` on first use
+(installing the package needs no compiler) into a cache directory,
+``$FUSED_COSLOSS_CACHE`` or ``~/.cache/fused_cosloss`` (``$XDG_CACHE_HOME`` is honoured),
+under a name that hashes the sources, the torch and Python versions, the compiler
+flags and the instruction set. Later processes import the built library directly.
+
+The instruction set is the one torch itself dispatches to on this CPU
+(``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, else the portable
+DEFAULT build); the whole extension is compiled for it, with ATen's ``Vectorized``
+classes and SLEEF's vectorised ``expf`` from libtorch, and a build is only ever
+loaded on a CPU that torch says supports its instruction set (no ``-march=native``).
+``FUSED_COSLOSS_NATIVE_ISA`` asks for a lower one (AVX2 or DEFAULT), e.g. to test them.
+
+If the build fails, ``unavailable_reason`` returns the compiler's message, so that
+``backend="native"`` raises it and ``backend="auto"`` warns once and uses the reference.
+Other knobs: ``FUSED_COSLOSS_CSRC`` (a different source directory),
+``FUSED_COSLOSS_DISABLE_NATIVE=1`` (report the backend unavailable).
+
+The protocol (see ``_kernel_function.py``): ``unavailable_reason``, ``forward_rows``,
+``backward_rows``. The saved state is ``(stats, idx, w, c, g2)``: per row the
+log-sum-exp and cosine, the top-k indices (int32), their softmax weights, the
+cosine's logit-gradient coefficients at them, and dcos/dmu, dcos/de
+(``N * (3K + 2H + 2)`` floats in all; only ``stats`` without the cosine term).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.resources
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_COMMON_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+_COMMON_LDFLAGS = ["-fopenmp"]
+_ISA_CFLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+_ISA_ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+_lock = threading.Lock()
+_state: dict = {}  # "module" or "error", once a load was attempted
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _source_dir() -> Path:
+    """csrc/ of a checkout, or fused_cosloss/csrc of an installed package (or $FUSED_COSLOSS_CSRC)."""
+    override = os.environ.get("FUSED_COSLOSS_CSRC")
+    if override:
+        return Path(override)
+    packaged = Path(str(importlib.resources.files("fused_cosloss") / "csrc"))
+    if packaged.is_dir() and any(packaged.glob("*.cpp")):
+        return packaged
+    return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _cache_root() -> Path:
+    if os.environ.get("FUSED_COSLOSS_CACHE"):
+        return Path(os.environ["FUSED_COSLOSS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fused_cosloss"
+
+
+def isa() -> str:
+    """The instruction set the extension is built for on this machine."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    best = capability if capability in _ISA_CFLAGS else "DEFAULT"
+    wanted = os.environ.get("FUSED_COSLOSS_NATIVE_ISA", "").upper()
+    if wanted in _ISA_CFLAGS and _ISA_ORDER.index(wanted) <= _ISA_ORDER.index(best):
+        return wanted
+    return best
+
+
+def _build_config():
+    src = _source_dir()
+    files = sorted(p for p in src.iterdir() if p.suffix in (".cpp", ".h")) if src.is_dir() else []
+    if not any(p.suffix == ".cpp" for p in files):
+        raise FileNotFoundError(f"no C++ sources (*.cpp) in {src}")
+    chosen = isa()
+    cflags = _COMMON_CFLAGS + _ISA_CFLAGS[chosen]
+    digest = hashlib.sha256()
+    for part in (torch.__version__, str(torch.version.git_version), sys.version, sys.platform,
+                 os.environ.get("CXX", ""), chosen, " ".join(cflags), " ".join(_COMMON_LDFLAGS)):
+        digest.update(part.encode() + b"\0")
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    tag = digest.hexdigest()[:16]
+    return files, chosen, cflags, tag
+
+
+def _ensure_ninja_on_path() -> None:
+    """The ``ninja`` pip package installs its binary next to the interpreter; find it without an activated venv."""
+    if shutil.which("ninja"):
+        return
+    candidates = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # type: ignore
+
+        candidates.insert(0, getattr(ninja, "BIN_DIR", ""))
+    except ImportError:
+        pass
+    for directory in candidates:
+        if directory and os.path.exists(os.path.join(directory, "ninja")):
+            os.environ["PATH"] = directory + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
+def _import_library(name: str, path: Path):
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _build():
+    files, chosen, cflags, tag = _build_config()
+    name = f"fused_cosloss_native_{tag}"
+    build_dir = _cache_root() / f"native-{chosen.lower()}-{tag}"
+    done = build_dir / "BUILD_OK"
+    if done.exists():  # built before, by this or another process: import it without ninja
+        for library in (build_dir / f"{name}.so", build_dir / f"{name}.pyd"):
+            if library.exists():
+                return _import_library(name, library)
+
+    src_dir = build_dir / "src"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    for path in files:  # a private copy: the build does not depend on where the package lives
+        target = src_dir / path.name
+        if not target.exists() or target.read_bytes() != path.read_bytes():
+            tmp = src_dir / f".{path.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(path.read_bytes())
+            os.replace(tmp, target)
+    _ensure_ninja_on_path()
+    from torch.utils import cpp_extension
+
+    module = cpp_extension.load(
+        name=name,
+        sources=[str(src_dir / p.name) for p in files if p.suffix == ".cpp"],
+        extra_cflags=cflags,
+        extra_ldflags=_COMMON_LDFLAGS,
+        extra_include_paths=[str(src_dir)],
+        build_directory=str(build_dir),
+        with_cuda=False,
+        verbose=os.environ.get("FUSED_COSLOSS_VERBOSE_BUILD", "") not in ("", "0"),
+    )
+    done.write_text(f"{name}\n{chosen}\n{' '.join(cflags)}\n")
+    return module
+
+
+def _load():
+    """(module, None) once built, or (None, why it is not): built once per process."""
+    with _lock:
+        if not _state:
+            if os.environ.get("FUSED_COSLOSS_DISABLE_NATIVE", "") not in ("", "0"):
+                _state["error"] = "disabled by FUSED_COSLOSS_DISABLE_NATIVE"
+            else:
+                try:
+                    _state["module"] = _build()
+                except Exception as error:  # compiler, ninja, loader: report, never crash the caller
+                    _state["error"] = f"the native CPU kernel failed to build or load: {type(error).__name__}: {error}"
+        return _state.get("module"), _state.get("error")
+
+
+def _reset() -> None:
+    """Forget the loaded (or failed) build, so the next use loads again (tests)."""
+    with _lock:
+        _state.clear()
+
+
+def extension():
+    """The compiled extension module; RuntimeError with the build's message if it failed."""
+    module, error = _load()
+    if module is None:
+        raise RuntimeError(error)
+    return module
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | None:
+    """Why the native kernel cannot run on these tensors, or None."""
+    for name, tensor in (("logits", logits), ("embedding", embedding)):
+        if tensor.device.type != "cpu":
+            return f"the native kernel runs on CPU tensors only, {name} is on {tensor.device}"
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            return f"the native kernel takes float32 or bfloat16 {name}, got {tensor.dtype}"
+    return _load()[1]
+
+
+def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos):
+    """Per-row ce, cos, correct and the saved state (see the module docstring)."""
+    ce, cos, correct, stats, idx, w, c, g2 = extension().forward(
+        logits, labels, embedding, float(temperature), int(k), int(ignore_index), bool(with_cos))
+    saved = (stats, idx, w, c, g2) if with_cos else (stats,)
+    return ce, cos, correct, saved
+
+
+def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+                  need_logits_grad, need_embedding_grad):
+    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n in the dtypes of logits and embedding."""
+    stats, *rest = saved
+    if with_cos:
+        idx, w, c, g2 = rest
+    else:
+        idx = w = c = g2 = stats.new_empty(0)
+    dlogits, dembedding = extension().backward(
+        logits, labels, embedding, stats, idx, w, c, g2,
+        grad_ce.to(torch.float32).contiguous(), grad_cos.to(torch.float32).contiguous(),
+        int(k), int(ignore_index), bool(with_cos), bool(need_logits_grad), bool(need_embedding_grad))
+    # Without the cosine term the loss does not depend on the embedding: no gradient, as in the reference.
+    return (dlogits if need_logits_grad else None), (dembedding if need_embedding_grad and with_cos else None)
