@@ -87,8 +87,10 @@ def test_every_implementation_ran_checked_or_says_why_not(tiny_run):
             assert 0 < stats["min_ms"] <= stats["p20_ms"] <= stats["median_ms"] <= stats["p80_ms"] <= stats["max_ms"]
             assert stats["floor_ms"] > 0 and stats["over_floor"] > 0
             assert stats["speedup"] > 0 and stats["speedup_vs"] in ("seed-style", "ce-torch")
-            assert {"peak_bytes_above_inputs", "gradient_bytes", "extra_bytes"} <= stats.keys()
-        assert row["modes"]["fwd+bwd"]["gradient_bytes"] > 0
+        if data["meta"]["cpu_peak_memory_unavailable"] is None:     # Linux: the peak RSS can be reset
+            for stats in row["modes"].values():
+                assert {"peak_bytes_above_inputs", "gradient_bytes", "extra_bytes"} <= stats.keys()
+            assert row["modes"]["fwd+bwd"]["gradient_bytes"] > 0
 
 
 def test_wrong_implementation_is_reported_and_not_timed(tiny_run):

@@ -1,0 +1,263 @@
+"""Every implementation the benchmark runs, and the reference each is checked against.
+
+Two groups share a table:
+- ``mixed``: the full loss at the requested alpha (default 0.5); speedups are against
+  ``seed-style``, the experiment's formulation (bench/seed_style.py).
+- ``ce``: alpha = 0, i.e. cross-entropy alone; speedups are against ``ce-torch``
+  (``F.cross_entropy``). Anchors from other projects are run when installed (CUDA only).
+
+An implementation is a function ``inputs -> scalar loss`` with ``inputs`` a dict of
+``labels`` and ``logits`` (or ``hidden`` for linear+CE kernels) and ``embedding``; its
+gradients are read from the leaves named in ``Impl.leaves``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fused_cosloss import mixed_loss
+from fused_cosloss.backends import why_unavailable
+
+from .inputs import IGNORE_INDEX
+from .seed_style import seed_style_loss
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Config:
+    """The loss and shapes every implementation is run with."""
+    device: str
+    dtype: torch.dtype
+    vocab: int
+    hidden: int
+    topk: int | None
+    alpha: float
+    temperature: float
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    group: str                                   # "mixed" or "ce"
+    about: str                                   # one line for the report
+    build: Callable[[Config], Callable[[dict], torch.Tensor]]
+    unavailable: Callable[[Config], str | None] = lambda cfg: None
+    kind: str = "logits"                         # "logits" or "hidden": what the inputs hold
+    baseline: bool = False                       # speedups in its group are relative to it
+    oracle: bool = False                         # the reference itself
+    mutates_logits: bool = False                 # overwrites its input (restored before each call, untimed)
+    tolerance_scale: float = 1.0                 # on the dtype's tolerances (documented where used)
+    has_floor: bool = True                       # False where the work includes more than the loss (a matmul)
+
+    def alpha(self, cfg: Config) -> float:
+        return self.alpha_value(cfg.alpha)
+
+    def alpha_value(self, alpha: float) -> float:
+        """The alpha it runs at: the requested one for the mixed loss, 0 for the ce group."""
+        return alpha if self.group == "mixed" else 0.0
+
+    def leaves(self, cfg: Config) -> tuple[str, ...]:
+        """The inputs it differentiates: logits (or hidden), and embedding where it gets a gradient."""
+        first = "hidden" if self.kind == "hidden" else "logits"
+        return (first, "embedding") if self.kind == "hidden" or self.alpha(cfg) > 0 else (first,)
+
+
+# --------------------------------------------------------------------------- the package's own
+
+def _package(backend: str, group: str) -> Callable[[Config], Callable[[dict], torch.Tensor]]:
+    def build(cfg: Config):
+        alpha = cfg.alpha if group == "mixed" else 0.0
+        loss = functools.partial(mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
+                                 ignore_index=IGNORE_INDEX, backend=backend)
+        return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
+    return build
+
+
+def _backend_unavailable(backend: str) -> Callable[[Config], str | None]:
+    def unavailable(cfg: Config) -> str | None:
+        if backend == "triton" and cfg.device != "cuda":
+            return "CUDA only here (on CPU tensors Triton runs only in its interpreter, TRITON_INTERPRET=1: not worth timing)"
+        # empty tensors of the benchmark's shapes: nothing is touched or computed
+        logits = torch.empty(1, cfg.vocab, device=cfg.device, dtype=cfg.dtype)
+        table = torch.empty(cfg.vocab, cfg.hidden, device=cfg.device, dtype=cfg.dtype)
+        try:
+            return why_unavailable(backend, logits, table)
+        except Exception as error:  # a backend half-written must not stop the benchmark
+            return f"{type(error).__name__}: {error}"
+    return unavailable
+
+
+def _build_compiled(cfg: Config):
+    # dynamic=True: one compilation serves the whole token sweep (by default the second N
+    # recompiles with dynamic shapes anyway, which costs another ~30 s on 2 CPU cores)
+    loss = torch.compile(functools.partial(
+        mixed_loss, alpha=cfg.alpha, temperature=cfg.temperature, topk=cfg.topk,
+        ignore_index=IGNORE_INDEX, backend="reference"), dynamic=True)
+    return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
+
+
+def _compile_unavailable(cfg: Config) -> str | None:
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if cfg.device == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        return "torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH"
+    if cfg.device == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs triton"
+    return None
+
+
+def _build_seed(cfg: Config):
+    loss = functools.partial(seed_style_loss, alpha=cfg.alpha, temperature=cfg.temperature, topk=cfg.topk,
+                             ignore_index=IGNORE_INDEX)
+    return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
+
+
+def _build_torch_ce(cfg: Config):
+    return lambda inp: F.cross_entropy(inp["logits"], inp["labels"], ignore_index=IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------- anchors (CUDA, when installed)
+
+def _needs(module: str, package: str) -> Callable[[Config], str | None]:
+    """Available on CUDA when ``module`` imports (an import error is the reason given)."""
+    def unavailable(cfg: Config) -> str | None:
+        if cfg.device != "cuda":
+            return "CUDA only"
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            return f"not installed (pip install {package})"
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            return f"{package} is installed but {module} does not import: {type(error).__name__}: {error}"
+        return None
+    return unavailable
+
+
+LIGER_CE = "liger_kernel.transformers.cross_entropy"
+CCE = "cut_cross_entropy"
+
+
+def _liger_loss():
+    return importlib.import_module(LIGER_CE).LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+def cosine_part(logits, labels, embedding, temperature: float, topk: int | None) -> torch.Tensor:
+    """Mean over valid positions of 1 - cos_n, without any [N, K, H] or second [N, V] tensor:
+    top-k on the logits, softmax over the K, ``F.embedding_bag`` for the weighted sum."""
+    valid = labels != IGNORE_INDEX
+    k = logits.shape[-1] if topk is None else min(topk, logits.shape[-1])
+    # topk's values, not a gather: topk's backward keeps only the indices, so the logits may be
+    # overwritten afterwards (by Liger's CE) without upsetting autograd
+    top, idx = logits.topk(k, dim=-1)
+    weights = torch.softmax(top.float() / temperature, dim=-1)
+    table = embedding.float()
+    mu = F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")
+    target = table[torch.where(valid, labels, 0)]
+    cos = (mu * target).sum(-1) / (mu.norm(dim=-1).clamp_min(EPS) * target.norm(dim=-1).clamp_min(EPS))
+    return torch.where(valid, 1.0 - cos, torch.zeros_like(cos)).sum() / valid.sum().clamp_min(1)
+
+
+def _build_liger_mixed(cfg: Config):
+    ce = _liger_loss()
+
+    def loss(inp):
+        # the cosine part first: Liger's CE overwrites the logits with their gradient
+        dist = cosine_part(inp["logits"], inp["labels"], inp["embedding"], cfg.temperature, cfg.topk)
+        return cfg.alpha * dist + (1.0 - cfg.alpha) * ce(inp["logits"], inp["labels"])
+    return loss
+
+
+def _build_liger_ce(cfg: Config):
+    ce = _liger_loss()
+    return lambda inp: ce(inp["logits"], inp["labels"])
+
+
+def _build_cce(cfg: Config):
+    linear_cross_entropy = importlib.import_module(CCE).linear_cross_entropy
+    return lambda inp: linear_cross_entropy(inp["hidden"], inp["embedding"], inp["labels"],
+                                            ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+def _build_matmul_ce(cfg: Config):
+    return lambda inp: F.cross_entropy(inp["hidden"] @ inp["embedding"].T, inp["labels"], ignore_index=IGNORE_INDEX)
+
+
+def _matmul_unavailable(cfg: Config) -> str | None:
+    reason = _needs(CCE, "cut-cross-entropy")(cfg)
+    return None if reason is None else f"only run beside ce-cce, which is unavailable: {reason}"
+
+
+# --------------------------------------------------------------------------- the registry
+
+IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
+    Impl("seed-style", "mixed", "the experiment's formulation: softmax [N,V], top-k of probs, gather [N,K,H], einsum",
+         _build_seed, baseline=True),
+    Impl("reference", "mixed", "fused_cosloss backend='reference' (pure PyTorch, the oracle)",
+         _package("reference", "mixed"), oracle=True),
+    Impl("compile-reference", "mixed", "torch.compile(dynamic=True) of the reference (compile time not counted)",
+         _build_compiled, unavailable=_compile_unavailable),
+    Impl("native", "mixed", "fused_cosloss backend='native' (C++ CPU kernel)",
+         _package("native", "mixed"), unavailable=_backend_unavailable("native")),
+    Impl("triton", "mixed", "fused_cosloss backend='triton' (CUDA kernel)",
+         _package("triton", "mixed"), unavailable=_backend_unavailable("triton")),
+    Impl("liger+embbag", "mixed", "Liger-Kernel CE + top-k/softmax/F.embedding_bag cosine (Liger overwrites the logits)",
+         _build_liger_mixed, unavailable=_needs(LIGER_CE, "liger-kernel"), mutates_logits=True),
+    Impl("ce-torch", "ce", "F.cross_entropy on the logits as given",
+         _build_torch_ce, baseline=True),
+    Impl("ce-reference", "ce", "fused_cosloss backend='reference', alpha=0",
+         _package("reference", "ce"), oracle=True),
+    Impl("ce-native", "ce", "fused_cosloss backend='native', alpha=0",
+         _package("native", "ce"), unavailable=_backend_unavailable("native")),
+    Impl("ce-triton", "ce", "fused_cosloss backend='triton', alpha=0",
+         _package("triton", "ce"), unavailable=_backend_unavailable("triton")),
+    Impl("ce-liger", "ce", "Liger-Kernel LigerCrossEntropyLoss (overwrites the logits with their gradient)",
+         _build_liger_ce, unavailable=_needs(LIGER_CE, "liger-kernel"), mutates_logits=True),
+    Impl("ce-cce", "ce", "Apple cut-cross-entropy from hidden states: includes the [N,H]x[H,V] matmul",
+         _build_cce, unavailable=_needs(CCE, "cut-cross-entropy"), kind="hidden", has_floor=False),
+    # bfloat16 logits rounded by the matmul: its gradients drift further from the float32 oracle
+    Impl("ce-matmul-torch", "ce", "hidden @ E.T then F.cross_entropy (the unfused comparator of ce-cce)",
+         _build_matmul_ce, unavailable=_matmul_unavailable, kind="hidden", has_floor=False, tolerance_scale=2.5),
+]}
+
+
+def _build_wrong(cfg: Config):
+    """seed-style with the temperature doubled: wrong whenever alpha > 0 (for tests/test_bench.py)."""
+    loss = functools.partial(seed_style_loss, alpha=cfg.alpha, temperature=2.0 * cfg.temperature, topk=cfg.topk,
+                             ignore_index=IGNORE_INDEX)
+    return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
+
+
+if os.environ.get("FUSED_COSLOSS_BENCH_SELFTEST") == "1":
+    # a deliberately wrong implementation, so the test sees the WRONG path end to end
+    IMPLS["selftest-wrong"] = Impl("selftest-wrong", "mixed", "seed-style with the temperature doubled (a test of the check)",
+                                   _build_wrong)
+
+
+def reference_for(impl: Impl, cfg: Config) -> Callable[[dict], torch.Tensor]:
+    """The oracle an implementation is checked against, on the same inputs."""
+    alpha = impl.alpha(cfg)
+    loss = functools.partial(mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
+                             ignore_index=IGNORE_INDEX, backend="reference")
+    if impl.kind == "hidden":
+        # logits from hidden states in float32, as a linear+CE kernel accumulates them
+        return lambda inp: loss(inp["hidden"].float() @ inp["embedding"].float().T, inp["labels"], inp["embedding"])
+    return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
+
+
+def select(names: list[str] | None) -> list[Impl]:
+    """The implementations named (all by default), in registry order."""
+    if names is None:
+        return list(IMPLS.values())
+    unknown = [name for name in names if name not in IMPLS]
+    if unknown:
+        raise ValueError(f"--impl: unknown {unknown}; choose from {list(IMPLS)}")
+    return [impl for impl in IMPLS.values() if impl.name in names]
