@@ -14,6 +14,10 @@ A kernel backend is a module with three functions; ``k`` is already min(topk, V)
     The SPEC gradients of ``sum_n grad_ce[n] * ce_n + grad_cos[n] * cos_n`` (``grad_*``
     are ``[N]`` float32/float64), in the dtypes of logits and embedding, or None where
     not needed.
+``fake_forward_rows(...)`` (same arguments as ``forward_rows``)
+    Empty tensors of the shapes, dtypes and devices ``forward_rows`` returns, for the
+    ``torch.compile`` path: there the backend runs as the custom ops of ``_custom_ops.py``
+    (``fused_cosloss::rows_forward`` / ``rows_backward``), whose fake kernels use it.
 
 The inputs arrive as ``logits [N, V]`` with unit stride along V, ``labels [N]`` int64
 and ``embedding [V, H]``, both contiguous.

@@ -73,10 +73,17 @@ def check_tensors(logits, labels, embedding, shift: bool) -> None:
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Check that every label is in [0, V) or equal to ignore_index (one device sync)."""
+    """Check that every label is in [0, V) or equal to ignore_index (one device sync; under
+    ``torch.compile`` an asynchronous device-side assertion instead)."""
     if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if torch.compiler.is_compiling():
+        # traced: no host sync and no Python branch on a tensor value; the check runs on the device
+        # (a RuntimeError when the step runs; without the offending value)
+        torch._assert_async(
+            torch.logical_not(bad.any()), f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
         raise ValueError(

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 
 from . import backends
+from ._custom_ops import compiled_kernel_rows
 from ._kernel_function import kernel_rows
 from ._validation import check_label_range, check_scalars, check_tensors
 from .reference import reference_rows
@@ -100,9 +101,28 @@ def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.cat([labels[..., 1:], pad], dim=-1)
 
 
+_KERNEL_NAMES = {module: name for name, module in backends.KERNEL_MODULES.items()}
+
+
+@torch.compiler.assume_constant_result
+def _resolved_name(backend: str, logits_device, logits_dtype, embedding_device, embedding_dtype) -> str:
+    """The backend ``backends.resolve`` picks for tensors of these devices and dtypes, by name
+    (run once per compilation: the choice is a constant of the graph)."""
+    logits = torch.empty(1, 1, device=logits_device, dtype=logits_dtype)
+    embedding = torch.empty(1, 1, device=embedding_device, dtype=embedding_dtype)
+    ops = backends.resolve(backend, logits, embedding)
+    return "reference" if ops is None else _KERNEL_NAMES[ops.__name__]
+
+
 def _rows(logits, labels, embedding, temperature, topk, ignore_index, *, with_cos, backend):
     vocab = logits.shape[-1]
     k = vocab if topk is None else min(topk, vocab)
+    if torch.compiler.is_compiling():
+        # traced: the choice depends on devices and dtypes only; the kernel is one custom-op node
+        name = _resolved_name(backend, logits.device, logits.dtype, embedding.device, embedding.dtype)
+        if name == "reference":
+            return reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos)
+        return compiled_kernel_rows(name, logits, labels, embedding, temperature, k, ignore_index, with_cos)
     ops = backends.resolve(backend, logits, embedding)
     if ops is None:
         return reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos)

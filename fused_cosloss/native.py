@@ -210,6 +210,18 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
     return ce, cos, correct, saved
 
 
+def fake_forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos):
+    """Empty tensors of the shapes and dtypes ``forward_rows`` returns (the custom op's fake kernel)."""
+    n, hidden = logits.shape[0], embedding.shape[1]
+    rows, kk = (n, int(k)) if with_cos else (0, 0)
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    stats = torch.empty(n, 2, **f32)
+    saved = (stats, torch.empty(rows, kk, device=logits.device, dtype=torch.int32), torch.empty(rows, kk, **f32),
+             torch.empty(rows, kk, **f32), torch.empty(rows, 2, hidden, **f32))
+    correct = torch.empty(n, device=logits.device, dtype=torch.bool)
+    return torch.empty(n, **f32), torch.empty(n, **f32), correct, saved if with_cos else (stats,)
+
+
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
                   need_logits_grad, need_embedding_grad):
     """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n in the dtypes of logits and embedding."""

@@ -26,6 +26,8 @@ def select_topk(z: torch.Tensor, k: int) -> torch.Tensor:
     ``torch.topk`` breaks ties in no documented order, so rows where the k-th value also
     occurs outside the chosen set are redone with a stable descending sort.
     """
+    if torch.compiler.is_compiling():
+        return _select_topk_traceable(z, k)
     idx = torch.topk(z, k, dim=-1).indices
     kth = z.gather(1, idx).amin(dim=-1, keepdim=True)
     ambiguous = (z >= kth).sum(dim=-1) > k
@@ -34,6 +36,22 @@ def select_topk(z: torch.Tensor, k: int) -> torch.Tensor:
         stable = torch.sort(z.index_select(0, rows), dim=-1, descending=True, stable=True).indices
         idx[rows] = stable[:, :k]
     return idx
+
+
+def _select_topk_traceable(z: torch.Tensor, k: int) -> torch.Tensor:
+    """``select_topk`` without a host sync or a data-dependent branch (the traced path).
+
+    S is every entry above the k-th value plus, at the k-th value, the lowest indices
+    (counted with a cumulative sum) to make k: exactly k members per row, whose indices
+    are then those of the k ones of the membership mask (their order does not matter).
+    A NaN counts as the largest value, as in ``torch.topk``.
+    """
+    kth = torch.topk(z, k, dim=-1).values[:, -1:]
+    above = (z > kth) | torch.isnan(z)
+    at = z == kth
+    room = k - above.sum(dim=-1, keepdim=True)
+    member = above | (at & (torch.cumsum(at.to(torch.int32), dim=-1) <= room))
+    return torch.topk(member.to(z.dtype), k, dim=-1).indices
 
 
 def expected_embedding(z: torch.Tensor, embedding: torch.Tensor, temperature: float, k: int) -> torch.Tensor:
@@ -74,6 +92,8 @@ def reference_rows(
     dtype = compute_dtype(logits.dtype)
     n, vocab = logits.shape
     k = vocab if topk is None else min(topk, vocab)
+    if torch.compiler.is_compiling():
+        return _reference_rows_traceable(logits, labels, embedding, temperature, k, ignore_index, with_cos, dtype)
     rows = (labels != ignore_index).nonzero().squeeze(1)
     # Ignored rows are left out (their logits may be anything, NaN included, and get exact
     # zero gradients); when every row is valid the logits are used without a copy.
@@ -93,3 +113,23 @@ def reference_rows(
         return values if all_valid else values.new_zeros(n).index_copy(0, rows, values)
 
     return scatter(ce), scatter(cos), scatter(correct)
+
+
+def _reference_rows_traceable(logits, labels, embedding, temperature, k, ignore_index, with_cos, dtype):
+    """``reference_rows`` with static shapes (the traced path): ignored rows are masked to
+    zero logits and label 0 instead of being left out (so NaN in them stays out, and their
+    gradients are exact zeros through ``torch.where``), and their results are zeroed."""
+    valid = labels != ignore_index
+    zero = torch.zeros((), device=logits.device, dtype=dtype)
+    z = torch.where(valid[:, None], logits.to(dtype), zero)
+    y = torch.where(valid, labels.long(), torch.zeros_like(labels, dtype=torch.long))
+
+    ce = torch.logsumexp(z, dim=-1) - z.gather(1, y[:, None]).squeeze(1)
+    correct = (z.argmax(dim=-1) == y) & valid
+    if with_cos:
+        table = embedding.to(dtype)
+        cos = cosine(expected_embedding(z, table, temperature, k), table.index_select(0, y))
+        cos = torch.where(valid, cos, zero)
+    else:
+        cos = torch.zeros_like(ce)
+    return torch.where(valid, ce, zero), cos, correct

@@ -185,6 +185,25 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
     return ce, cos, correct.bool(), (stats, tie, s_idx, s_val, mu, cstats)
 
 
+def fake_forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos):
+    """Empty tensors of the shapes and dtypes ``forward_rows`` returns (the custom op's fake kernel)."""
+    n, hidden = logits.shape[0], embedding.shape[1]
+    device = logits.device
+    sparse = with_cos and k <= SPARSE_MAX_K
+    rows = n if with_cos else 0
+    saved = (
+        torch.empty(n, 4, device=device, dtype=torch.float32),
+        torch.empty(n, device=device, dtype=torch.int32),
+        torch.empty(n, k, device=device, dtype=torch.int32) if sparse else _empty(device, torch.int32),
+        torch.empty(n, k, device=device, dtype=logits.dtype) if sparse else _empty(device, logits.dtype),
+        torch.empty(rows, hidden, device=device, dtype=torch.float32),
+        torch.empty(rows, 4, device=device, dtype=torch.float32),
+    )
+    ce = torch.empty(n, device=device, dtype=torch.float32)
+    cos = torch.empty(n, device=device, dtype=torch.float32)
+    return ce, cos, torch.empty(n, device=device, dtype=torch.bool), saved
+
+
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
                   need_logits_grad, need_embedding_grad):
     stats, tie, s_idx, s_val, mu, cstats = saved

@@ -1,0 +1,121 @@
+"""The kernel backends as ``torch.library`` custom ops, for ``torch.compile``.
+
+``torch.compile`` cannot trace into a C++ extension or a Triton launch wrapped in a Python
+``autograd.Function``; these ops make each kernel backend one opaque node of the graph, with
+
+* ``fused_cosloss::rows_forward(backend, logits, labels, embedding, temperature, k,
+  ignore_index, with_cos) -> Tensor[]``: ``[ce, cos, correct, *saved]``, where ``saved`` is the
+  backend's saved state, of a fixed arity per (backend, with_cos);
+* ``fused_cosloss::rows_backward(backend, logits, labels, embedding, saved, grad_ce, grad_cos,
+  temperature, k, ignore_index, with_cos, need_logits_grad, need_embedding_grad) -> Tensor[]``:
+  ``[dlogits, dembedding]``, an empty tensor standing for a gradient that is not needed;
+
+fake (meta) implementations from each backend's ``fake_forward_rows`` (shapes and dtypes
+only), and an autograd registration that calls ``rows_backward``. ``backend`` names the
+kernel module (``"native"`` or ``"triton"``), never ``"auto"``: it is resolved before.
+
+Eager calls keep going through :class:`fused_cosloss._kernel_function.KernelRows` (no
+dispatcher overhead); these ops run the same ``forward_rows`` / ``backward_rows``.
+"""
+
+from typing import List
+
+import torch
+
+from . import backends
+
+
+def _ops(backend: str):
+    module, reason = backends._kernel_module(backend)
+    if module is None:
+        raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
+    return module
+
+
+def _layouts(logits, labels, embedding):
+    """The layouts the kernels expect (no copy when they already have them)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits, labels.contiguous(), embedding.contiguous()
+
+
+@torch.library.custom_op("fused_cosloss::rows_forward", mutates_args=())
+def rows_forward(
+    backend: str, logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, temperature: float, k: int,
+    ignore_index: int, with_cos: bool,
+) -> List[torch.Tensor]:
+    logits, labels, embedding = _layouts(logits, labels, embedding)
+    ce, cos, correct, saved = _ops(backend).forward_rows(
+        logits, labels, embedding, temperature, k, ignore_index, with_cos)
+    return [ce, cos, correct, *saved]
+
+
+@rows_forward.register_fake
+def _rows_forward_fake(backend, logits, labels, embedding, temperature, k, ignore_index, with_cos):
+    ce, cos, correct, saved = _ops(backend).fake_forward_rows(
+        logits, labels, embedding, temperature, k, ignore_index, with_cos)
+    return [ce, cos, correct, *saved]
+
+
+@torch.library.custom_op("fused_cosloss::rows_backward", mutates_args=())
+def rows_backward(
+    backend: str, logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, saved: List[torch.Tensor],
+    grad_ce: torch.Tensor, grad_cos: torch.Tensor, temperature: float, k: int, ignore_index: int, with_cos: bool,
+    need_logits_grad: bool, need_embedding_grad: bool,
+) -> List[torch.Tensor]:
+    logits, labels, embedding = _layouts(logits, labels, embedding)
+    dlogits, dembedding = _ops(backend).backward_rows(
+        logits, labels, embedding, tuple(t.contiguous() for t in saved), grad_ce.contiguous(), grad_cos.contiguous(),
+        temperature, k, ignore_index, with_cos, need_logits_grad, need_embedding_grad)
+    return [
+        dlogits if dlogits is not None else logits.new_empty(0),
+        dembedding if dembedding is not None else embedding.new_empty(0),
+    ]
+
+
+@rows_backward.register_fake
+def _rows_backward_fake(backend, logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index,
+                        with_cos, need_logits_grad, need_embedding_grad):
+    n, vocab = logits.shape
+    dlogits = logits.new_empty(n, vocab) if need_logits_grad else logits.new_empty(0)
+    # without the cosine term the loss does not depend on the embedding (every backend returns None)
+    dembedding = embedding.new_empty(embedding.shape) if need_embedding_grad and with_cos else embedding.new_empty(0)
+    return [dlogits, dembedding]
+
+
+def _setup_context(ctx, inputs, output):
+    backend, logits, labels, embedding, temperature, k, ignore_index, with_cos = inputs
+    ctx.save_for_backward(logits, labels, embedding, *output[3:])
+    ctx.options = (backend, temperature, k, ignore_index, with_cos)
+
+
+def _backward(ctx, grads):
+    logits, labels, embedding, *saved = ctx.saved_tensors
+    backend, temperature, k, ignore_index, with_cos = ctx.options
+    need_logits, need_embedding = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    grad_ce, grad_cos = grads[0], grads[1]
+    if grad_ce is None:
+        grad_ce = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
+    if grad_cos is None:
+        grad_cos = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
+    dlogits, dembedding = torch.ops.fused_cosloss.rows_backward(
+        backend, logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+        need_logits, need_embedding)
+    return (
+        None,
+        dlogits if need_logits else None,
+        None,
+        dembedding if need_embedding and with_cos else None,
+        None, None, None, None,
+    )
+
+
+rows_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def compiled_kernel_rows(backend: str, logits, labels, embedding, temperature, k, ignore_index, with_cos):
+    """``(ce, cos, correct)`` of kernel backend ``backend`` through the custom op (the traced path)."""
+    logits, labels, embedding = _layouts(logits, labels.long(), embedding)
+    out = torch.ops.fused_cosloss.rows_forward(
+        backend, logits, labels, embedding, float(temperature), int(k), int(ignore_index), bool(with_cos))
+    return out[0], out[1], out[2]
