@@ -12,16 +12,9 @@ import torch
 from fused_cosloss import mixed_loss
 from fused_cosloss import _custom_ops  # noqa: F401  (registers the ops)
 
-from conftest import backend_or_skip
+from conftest import BACKEND_PARAMS, backend_or_skip
 from helpers import assert_close_rel, make_inputs
 
-COMPILE_BACKENDS = [
-    pytest.param(("reference", "cpu"), id="reference-cpu"),
-    pytest.param(("native", "cpu"), id="native-cpu"),
-    pytest.param(("triton", "cpu"), id="triton-interpret"),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
-    pytest.param(("reference", "cuda"), id="reference-cuda", marks=pytest.mark.gpu),
-]
 REL = 1e-5
 
 
@@ -56,7 +49,7 @@ def _check_equal(compiled, eager, what):
     assert_close_rel(de_c, de_e, REL, f"{what} dembedding")
 
 
-@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 def test_compile_fullgraph_equals_eager(backend, ties, gen):
     name, device = backend
@@ -76,7 +69,7 @@ def test_compile_fullgraph_equals_eager(backend, ties, gen):
                  _run(_step, logits, labels, embedding, **options), f"{name}/{device}")
 
 
-@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_compile_shift_sum_full_vocabulary(backend, gen):
     """Causal shift on [B, T, V], reduction="sum", topk=None (the whole vocabulary), bfloat16-free."""
     name, device = backend
