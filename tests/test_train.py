@@ -330,9 +330,18 @@ if int(os.environ.get("RANK", "0")) == 0:
 '''
 
 
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
 @pytest.mark.slow
-def test_trainer_ddp_two_processes_equal_one_batch(hf, tmp_path):
-    """torchrun with 2 CPU processes (gloo): one step equals one process with the whole batch; exact eval sums."""
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_trainer_ddp_two_processes_equal_one_batch(hf, tmp_path, launcher):
+    """torchrun / accelerate launch with 2 CPU processes (gloo): one step equals one process with the whole batch;
+    exact eval sums."""
     import subprocess
     import sys
 
@@ -355,8 +364,7 @@ def test_trainer_ddp_two_processes_equal_one_batch(hf, tmp_path):
         return json.loads(lines[0][len("RESULT "):])
 
     one = run([sys.executable, str(script), "4", str(tmp_path / "one")])
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), "2", str(tmp_path / "two")])
+    two = run([sys.executable, *LAUNCHERS[launcher], str(script), "2", str(tmp_path / "two")])
     assert one["world"] == 1 and two["world"] == 2
     torch.testing.assert_close(torch.tensor(two["params"]), torch.tensor(one["params"]), rtol=1e-5, atol=1e-6)
     assert two["tokens"] == one["tokens"] == 3 + 11 + 7 and two["ce"] == pytest.approx(one["ce"], rel=1e-5)
