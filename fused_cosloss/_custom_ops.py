@@ -23,6 +23,7 @@ from typing import List
 import torch
 
 from . import backends
+from ._kernel_function import kernel_layouts
 
 
 def _ops(backend: str):
@@ -32,19 +33,12 @@ def _ops(backend: str):
     return module
 
 
-def _layouts(logits, labels, embedding):
-    """The layouts the kernels expect (no copy when they already have them)."""
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    return logits, labels.contiguous(), embedding.contiguous()
-
-
 @torch.library.custom_op("fused_cosloss::rows_forward", mutates_args=())
 def rows_forward(
     backend: str, logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, temperature: float, k: int,
     ignore_index: int, with_cos: bool,
 ) -> List[torch.Tensor]:
-    logits, labels, embedding = _layouts(logits, labels, embedding)
+    logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     ce, cos, correct, saved = _ops(backend).forward_rows(
         logits, labels, embedding, temperature, k, ignore_index, with_cos)
     return [ce, cos, correct, *saved]
@@ -63,7 +57,7 @@ def rows_backward(
     grad_ce: torch.Tensor, grad_cos: torch.Tensor, temperature: float, k: int, ignore_index: int, with_cos: bool,
     need_logits_grad: bool, need_embedding_grad: bool,
 ) -> List[torch.Tensor]:
-    logits, labels, embedding = _layouts(logits, labels, embedding)
+    logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     dlogits, dembedding = _ops(backend).backward_rows(
         logits, labels, embedding, tuple(t.contiguous() for t in saved), grad_ce.contiguous(), grad_cos.contiguous(),
         temperature, k, ignore_index, with_cos, need_logits_grad, need_embedding_grad)
@@ -115,7 +109,7 @@ rows_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def compiled_kernel_rows(backend: str, logits, labels, embedding, temperature, k, ignore_index, with_cos):
     """``(ce, cos, correct)`` of kernel backend ``backend`` through the custom op (the traced path)."""
-    logits, labels, embedding = _layouts(logits, labels.long(), embedding)
+    logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     out = torch.ops.fused_cosloss.rows_forward(
         backend, logits, labels, embedding, float(temperature), int(k), int(ignore_index), bool(with_cos))
     return out[0], out[1], out[2]

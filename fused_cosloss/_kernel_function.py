@@ -49,11 +49,16 @@ class KernelRows(torch.autograd.Function):
         return dlogits, dembedding, None, None, None, None, None, None
 
 
-def kernel_rows(ops, logits, labels, embedding, temperature, k, ignore_index, with_cos):
-    """Run a kernel backend on ``logits [N, V]``, making the layouts it expects."""
+def kernel_layouts(logits, labels, embedding):
+    """The layouts the protocol promises a kernel (no copy where the inputs already have them)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    return logits, labels.long().contiguous(), embedding.contiguous()
+
+
+def kernel_rows(ops, logits, labels, embedding, temperature, k, ignore_index, with_cos):
+    """Run a kernel backend on ``logits [N, V]``, making the layouts it expects."""
+    logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     return KernelRows.apply(
-        logits, embedding.contiguous(), labels.long().contiguous(), ops, float(temperature), int(k),
-        int(ignore_index), bool(with_cos),
+        logits, embedding, labels, ops, float(temperature), int(k), int(ignore_index), bool(with_cos),
     )
