@@ -578,6 +578,17 @@ def main(argv=None) -> list[dict]:
         return _main(args)
     finally:
         torch.set_num_threads(threads)
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads can
+    abort a worker ("terminate called without an active exception") after the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _main(args) -> list[dict]:

@@ -327,6 +327,9 @@ if int(os.environ.get("RANK", "0")) == 0:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     print("RESULT " + json.dumps({"params": flat.tolist(), "tokens": metrics["eval_tokens"],
                                   "ce": metrics["eval_ce_loss"], "world": args.world_size}))
+if torch.distributed.is_initialized():  # a clean teardown: gloo left to interpreter exit can abort a worker
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 
