@@ -313,11 +313,11 @@ struct ForwardRows {
     float* g = g2 + n * 2 * H;
     float* ge = g + H;
 
-    // w = softmax(z_S / T); the max of z_S / T is m / T.
-    const float mx = m / temperature;
+    // w = softmax(z_S / T), as exp((z - m) / T): subtracting before dividing keeps the
+    // exponent's rounding error at eps |z - m| / T instead of eps |z| / T.
     float total = 0.f;
     for (int64_t i = 0; i < K; ++i) {
-      sbuf[i] = sv[i] / temperature - mx;
+      sbuf[i] = (sv[i] - m) / temperature;
     }
     {
       int64_t i = 0;

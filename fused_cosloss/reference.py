@@ -57,10 +57,18 @@ def _select_topk_traceable(z: torch.Tensor, k: int) -> torch.Tensor:
 def expected_embedding(z: torch.Tensor, embedding: torch.Tensor, temperature: float, k: int) -> torch.Tensor:
     """mu_n = sum over the top-k of row n of softmax(z[S] / T)_i * E[i], shape [N, H]."""
     if k >= z.shape[-1]:
-        return torch.softmax(z / temperature, dim=-1) @ embedding
+        return tempered_softmax(z, temperature) @ embedding
     idx = select_topk(z, k)
-    weights = torch.softmax(z.gather(1, idx) / temperature, dim=-1)
+    weights = tempered_softmax(z.gather(1, idx), temperature)
     return F.embedding_bag(idx, embedding, per_sample_weights=weights, mode="sum")
+
+
+def tempered_softmax(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(z / T) over the last dim, computed as softmax((z - max z) / T).
+
+    Subtracting the max before dividing keeps the rounding error of each exponent at
+    eps * |z_i - max z| / T rather than eps * |z_i| / T, which matters at small T."""
+    return torch.softmax((z - z.amax(dim=-1, keepdim=True).detach()) / temperature, dim=-1)
 
 
 def cosine(mu: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

@@ -55,3 +55,13 @@ def assert_close_rel(actual, expected, rel, what="", floor=1e-30):
 def tolerance(dtype) -> float:
     """Relative tolerance of a float32-accumulating backend for inputs of this dtype."""
     return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 1e-2)
+
+
+def gradient_tolerance(dtype, temperature: float) -> float:
+    """Relative tolerance of the logits and embedding gradients at temperature T.
+
+    The cosine part of the logits gradient is w_v (s_v - s_bar) / T, and s_v - s_bar is
+    a difference of O(1) dot products (s_bar is 0 analytically): its absolute rounding
+    error of a few float epsilons is multiplied by 1 / T. Below T = 1/4 the tolerance
+    grows with 1 / T accordingly; above it, the plain tolerance of the dtype applies."""
+    return tolerance(dtype) * max(1.0, 0.25 / temperature)

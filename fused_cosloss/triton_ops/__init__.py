@@ -138,7 +138,7 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
     device = logits.device
     ce = torch.empty(n, device=device, dtype=torch.float32)
     correct = torch.empty(n, device=device, dtype=torch.int8)
-    stats = torch.empty(n, 4, device=device, dtype=torch.float32)  # lse, max / T, sum over S, threshold value
+    stats = torch.empty(n, 4, device=device, dtype=torch.float32)  # lse, row max, sum over S, threshold value
     tie = torch.empty(n, device=device, dtype=torch.int32)
     sparse = with_cos and k <= SPARSE_MAX_K
     mode = 0 if not with_cos else (1 if sparse else 2)
@@ -288,7 +288,7 @@ def _dense_weights(z, stats, tie, temperature, valid):
     positions = torch.arange(z.shape[1], device=z.device)
     member = (z > t_val) | ((z == t_val) & (positions[None, :] <= tie[:, None])) | torch.isnan(z)
     member &= valid[:, None]
-    weights = torch.exp(z / temperature - stats[:, 1:2]) / stats[:, 2:3]
+    weights = torch.exp((z - stats[:, 1:2]) / temperature) / stats[:, 2:3]
     return torch.where(member, weights, torch.zeros((), device=z.device))
 
 

@@ -93,7 +93,7 @@ def backward_rows_kernel(
         if tl.max(active.to(tl.int32), 0) > 0:
             g_cos = tl.load(grad_cos_ptr + rows64, mask=active, other=0.0)
             s_bar = tl.load(coef_ptr + rows64 * 4 + 3, mask=active, other=0.0)
-            m_t = tl.load(stats_ptr + rows64 * 4 + 1, mask=active, other=0.0)
+            z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=active, other=0.0)
             z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=active, other=1.0)
             t_val = tl.load(stats_ptr + rows64 * 4 + 3, mask=active, other=0.0)
             tie_cut = tl.load(tie_ptr + rows64, mask=active, other=-1)
@@ -107,7 +107,7 @@ def backward_rows_kernel(
                 vocab = tl.load(s_idx_ptr + at, mask=in_s, other=0)
                 z = tl.load(s_val_ptr + at, mask=in_s, other=0.0).to(tl.float32)
                 s = tl.load(s_dot_ptr + at, mask=in_s & with_s[:, None], other=0.0)
-                w = tl.exp(tl.div_rn(z, temperature) - m_t[:, None]) / z_sum[:, None]
+                w = tl.exp(tl.div_rn(z - z_max[:, None], temperature)) / z_sum[:, None]
                 dz = g_ce[:, None] * (tl.exp(z - lse[:, None]) - tl.where(vocab == y[:, None], 1.0, 0.0))
                 dz += tl.where(with_s[:, None], scale[:, None] * w * (s - s_bar[:, None]), 0.0)
                 tl.store(out_rows[:, None] + vocab, dz.to(DT), mask=in_s)

@@ -53,10 +53,10 @@ def embedding_grad_kernel(
             tl.store(s_dot_ptr + entry, tl.sum(g * e_v[:, None, :], 2), mask=j_in)
         if WRITE_DE:
             g_cos = tl.load(coef_ptr + row * 4, mask=j_in, other=0.0)
-            m_t = tl.load(stats_ptr + row * 4 + 1, mask=j_in, other=0.0)
+            z_max = tl.load(stats_ptr + row * 4 + 1, mask=j_in, other=0.0)
             z_sum = tl.load(stats_ptr + row * 4 + 2, mask=j_in, other=1.0)
             z = tl.load(s_val_ptr + entry, mask=j_in, other=0.0).to(tl.float32)
-            c = tl.where(j_in, g_cos * tl.exp(tl.div_rn(z, temperature) - m_t) / z_sum, 0.0)
+            c = tl.where(j_in, g_cos * tl.exp(tl.div_rn(z - z_max, temperature)) / z_sum, 0.0)
             acc += c[:, :, None] * g
     if WRITE_DE:
         d_sum = tl.zeros([VB], tl.float32)

@@ -61,7 +61,7 @@ def row_stats_kernel(
         ce = zero
         correct = tl.zeros([BR], tl.int32)
         lse = zero
-        m_t = zero
+        z_max = zero
         z_sum = zero
         t_val = zero
         tie_cut = tl.zeros([BR], tl.int32) - 1
@@ -95,7 +95,7 @@ def row_stats_kernel(
             ce = tl.where(valid, lse - z_y, 0.0)
             correct = (valid & (argmax == y)).to(tl.int32)
             lse = tl.where(valid, lse, 0.0)
-            m_t = tl.where(valid, tl.div_rn(tl.where(m <= NEG_BIG, float("-inf"), m), temperature), 0.0)
+            z_max = tl.where(valid, tl.where(m <= NEG_BIG, float("-inf"), m), 0.0)
             if MODE != 0:
                 out_idx = s_idx_ptr + rows64 * K
                 out_val = s_val_ptr + rows64 * K
@@ -127,7 +127,7 @@ def row_stats_kernel(
                                                 NPASS, BR, BC)
                         z_sum, t_val, tie_cut = compact(
                             scratch_val_ptr + scratch_rows, scratch_idx_ptr + scratch_rows, n_scratch, t_key, need,
-                            out_idx, out_val, K, temperature, m_t, DT, KEY16, True, True, BC)
+                            out_idx, out_val, K, temperature, z_max, DT, KEY16, True, True, BC)
                         n_row = tl.where(over, V, 0)
                 if tl.max(n_row, 0) > 0:  # MODE 2, K >= V, or rows with too many candidates
                     t_key2 = tl.zeros([BR], tl.int32) + (-2147483647 - 1)  # below every key: K >= V takes all
@@ -135,7 +135,7 @@ def row_stats_kernel(
                     if K < V:
                         t_key2, need2 = radix_kth(row_ptrs, n_row, kk, DT, KEY16, NPASS, BR, BV)
                     z_sum2, t_val2, tie_cut2 = compact(
-                        row_ptrs, row_ptrs, n_row, t_key2, need2, out_idx, out_val, K, temperature, m_t,
+                        row_ptrs, row_ptrs, n_row, t_key2, need2, out_idx, out_val, K, temperature, z_max,
                         DT, KEY16, False, MODE == 1, BV)
                     if K >= V:  # S is the whole row: make the membership test say so
                         t_val2 = tl.zeros([BR], tl.float32) + float("-inf")
@@ -147,7 +147,7 @@ def row_stats_kernel(
         tl.store(ce_ptr + rows64, ce, mask=row_in)
         tl.store(correct_ptr + rows64, correct.to(tl.int8), mask=row_in)
         tl.store(stats_ptr + rows64 * 4 + 0, lse, mask=row_in)
-        tl.store(stats_ptr + rows64 * 4 + 1, m_t, mask=row_in)
+        tl.store(stats_ptr + rows64 * 4 + 1, z_max, mask=row_in)
         tl.store(stats_ptr + rows64 * 4 + 2, z_sum, mask=row_in)
         tl.store(stats_ptr + rows64 * 4 + 3, t_val, mask=row_in)
         tl.store(tie_ptr + rows64, tie_cut, mask=row_in)
@@ -172,7 +172,7 @@ def cosine_kernel(
     dot = zero
     if tl.max(valid.to(tl.int32), 0) > 0:
         lse = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
-        m_t = tl.load(stats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
+        z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
         z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=valid, other=1.0)
         ks = tl.arange(0, BK)
         hs = tl.arange(0, BH)
@@ -189,7 +189,7 @@ def cosine_kernel(
                 in_s = valid[:, None] & (k < K)[None, :]
                 vocab = tl.load(s_idx_ptr + rows64[:, None] * K + k[None, :], mask=in_s, other=0)
                 z = tl.load(s_val_ptr + rows64[:, None] * K + k[None, :], mask=in_s, other=0.0).to(tl.float32)
-                w = tl.exp(tl.div_rn(z, temperature) - m_t[:, None]) / z_sum[:, None]
+                w = tl.exp(tl.div_rn(z - z_max[:, None], temperature)) / z_sum[:, None]
                 w = tl.where(in_s, w, 0.0)
                 gathered = tl.load(emb_ptr + tl.cast(vocab, tl.int64)[:, :, None] * H + h[None, None, :],
                                    mask=in_s[:, :, None] & h_in[None, None, :], other=0.0)

@@ -111,7 +111,7 @@ def radix_kth(row_ptrs, n, kk, DT: tl.constexpr, KEY16: tl.constexpr,
 
 
 @triton.jit
-def compact(val_ptrs, idx_ptrs, n, t_key, need, out_idx_ptrs, out_val_ptrs, limit, temperature, m_t,
+def compact(val_ptrs, idx_ptrs, n, t_key, need, out_idx_ptrs, out_val_ptrs, limit, temperature, z_max,
             DT: tl.constexpr, KEY16: tl.constexpr,
             IDX_FROM_PTR: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
     """Per row, walk ``val_ptrs[r][0:n[r]]`` in index order and take every key > t_key and
@@ -119,12 +119,12 @@ def compact(val_ptrs, idx_ptrs, n, t_key, need, out_idx_ptrs, out_val_ptrs, limi
     value) pairs to ``out_idx_ptrs[r][0:limit]`` / ``out_val_ptrs[r]``; the vocabulary index
     is ``idx_ptrs[r][i]`` when IDX_FROM_PTR, else i.
 
-    Returns per row: sum over S of exp(z / T - m / T), min over S of z (NaN left out), and the largest
+    Returns per row: sum over S of exp((z - max z) / T), min over S of z (NaN left out), and the largest
     vocabulary index taken among the values equal to the threshold (-1 if none)."""
     taken = tl.zeros_like(need)
     ties_seen = tl.zeros_like(need)
-    z_sum = tl.zeros_like(m_t)
-    z_min = tl.zeros_like(m_t) + float("inf")
+    z_sum = tl.zeros_like(z_max)
+    z_min = tl.zeros_like(z_max) + float("inf")
     tie_cut = tl.zeros_like(need) - 1
     n_max = tl.max(n, 0)
     for start in range(0, n_max, BLOCK):
@@ -146,7 +146,7 @@ def compact(val_ptrs, idx_ptrs, n, t_key, need, out_idx_ptrs, out_val_ptrs, limi
             tl.store(out_idx_ptrs[:, None] + pos, vocab, mask=inside_s)
             tl.store(out_val_ptrs[:, None] + pos, val.to(out_val_ptrs.dtype.element_ty), mask=inside_s)
         zf = val.to(tl.float32)
-        z_sum += tl.sum(tl.where(sel, tl.exp(tl.div_rn(zf, temperature) - m_t[:, None]), 0.0), 1)
+        z_sum += tl.sum(tl.where(sel, tl.exp(tl.div_rn(zf - z_max[:, None], temperature)), 0.0), 1)
         z_min = tl.minimum(z_min, tl.min(tl.where(sel & (zf == zf), zf, float("inf")), 1))
         tie_cut = tl.maximum(tie_cut, tl.max(tl.where(tie_taken, vocab, -1), 1))
         taken += tl.sum(sel.to(tl.int32), 1)
