@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fused_cosloss import mixed_loss
+from fused_cosloss import linear_mixed_loss, mixed_loss
 from fused_cosloss.backends import why_unavailable
 
 from .inputs import IGNORE_INDEX
@@ -57,6 +57,7 @@ class Impl:
     mutates_logits: bool = False                 # overwrites its input (restored before each call, untimed)
     tolerance_scale: float = 1.0                 # on the dtype's tolerances (documented where used)
     has_floor: bool = True                       # False where the work includes more than the loss (a matmul)
+    in_cpu_default: bool = True                  # run on CPU without --impl (the hidden-state rows are slow there)
 
     def alpha(self, cfg: Config) -> float:
         return self.alpha_value(cfg.alpha)
@@ -79,6 +80,26 @@ def _package(backend: str, group: str) -> Callable[[Config], Callable[[dict], to
         loss = functools.partial(mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
                                  ignore_index=IGNORE_INDEX, backend=backend)
         return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
+    return build
+
+
+def _linear(backend: str, group: str) -> Callable[[Config], Callable[[dict], torch.Tensor]]:
+    """linear_mixed_loss from hidden states with the embedding as the (tied) LM head weight."""
+    def build(cfg: Config):
+        alpha = cfg.alpha if group == "mixed" else 0.0
+        loss = functools.partial(linear_mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
+                                 ignore_index=IGNORE_INDEX, backend=backend)
+        return lambda inp: loss(inp["hidden"], inp["embedding"], inp["labels"])
+    return build
+
+
+def _matmul_then(backend: str, group: str) -> Callable[[Config], Callable[[dict], torch.Tensor]]:
+    """The logits path the fused-linear mode replaces: hidden @ E.T, then mixed_loss on the logits."""
+    def build(cfg: Config):
+        alpha = cfg.alpha if group == "mixed" else 0.0
+        loss = functools.partial(mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
+                                 ignore_index=IGNORE_INDEX, backend=backend)
+        return lambda inp: loss(inp["hidden"] @ inp["embedding"].T, inp["labels"], inp["embedding"])
     return build
 
 
@@ -143,6 +164,7 @@ def _needs(module: str, package: str) -> Callable[[Config], str | None]:
 
 
 LIGER_CE = "liger_kernel.transformers.cross_entropy"
+LIGER_FLCE = "liger_kernel.transformers.fused_linear_cross_entropy"
 CCE = "cut_cross_entropy"
 
 
@@ -181,6 +203,12 @@ def _build_liger_ce(cfg: Config):
     return lambda inp: ce(inp["logits"], inp["labels"])
 
 
+def _build_liger_flce(cfg: Config):
+    module = importlib.import_module(LIGER_FLCE)
+    loss = module.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+    return lambda inp: loss(inp["embedding"], inp["hidden"], inp["labels"])
+
+
 def _build_cce(cfg: Config):
     linear_cross_entropy = importlib.import_module(CCE).linear_cross_entropy
     return lambda inp: linear_cross_entropy(inp["hidden"], inp["embedding"], inp["labels"],
@@ -211,6 +239,19 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
          _package("triton", "mixed"), unavailable=_backend_unavailable("triton")),
     Impl("liger+embbag", "mixed", "Liger-Kernel CE + top-k/softmax/F.embedding_bag cosine (Liger overwrites the logits)",
          _build_liger_mixed, unavailable=_needs(LIGER_CE, "liger-kernel"), mutates_logits=True),
+    # the fused-linear mode and the logits path it replaces: hidden states in, the [N,H]x[H,V] matmul included
+    Impl("linear-native", "mixed", "fused_cosloss linear_mixed_loss backend='native': logits a chunk at a time",
+         _linear("native", "mixed"), unavailable=_backend_unavailable("native"), kind="hidden", has_floor=False,
+         in_cpu_default=False),
+    Impl("matmul+native", "mixed", "hidden @ E.T then mixed_loss backend='native' (the logits path)",
+         _matmul_then("native", "mixed"), unavailable=_backend_unavailable("native"), kind="hidden",
+         has_floor=False, in_cpu_default=False),
+    Impl("linear-triton", "mixed", "fused_cosloss linear_mixed_loss backend='triton': cuBLAS chunks + the kernel",
+         _linear("triton", "mixed"), unavailable=_backend_unavailable("triton"), kind="hidden", has_floor=False,
+         tolerance_scale=2.5),
+    Impl("matmul+triton", "mixed", "hidden @ E.T then mixed_loss backend='triton' (the logits path)",
+         _matmul_then("triton", "mixed"), unavailable=_backend_unavailable("triton"), kind="hidden",
+         has_floor=False, tolerance_scale=2.5),
     Impl("ce-torch", "ce", "F.cross_entropy on the logits as given",
          _build_torch_ce, baseline=True),
     Impl("ce-reference", "ce", "fused_cosloss backend='reference', alpha=0",
@@ -221,6 +262,12 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
          _package("triton", "ce"), unavailable=_backend_unavailable("triton")),
     Impl("ce-liger", "ce", "Liger-Kernel LigerCrossEntropyLoss (overwrites the logits with their gradient)",
          _build_liger_ce, unavailable=_needs(LIGER_CE, "liger-kernel"), mutates_logits=True),
+    Impl("ce-linear-triton", "ce", "fused_cosloss linear_mixed_loss backend='triton', alpha=0",
+         _linear("triton", "ce"), unavailable=_backend_unavailable("triton"), kind="hidden", has_floor=False,
+         tolerance_scale=2.5),
+    Impl("ce-liger-flce", "ce", "Liger-Kernel LigerFusedLinearCrossEntropyLoss from hidden states",
+         _build_liger_flce, unavailable=_needs(LIGER_FLCE, "liger-kernel"), kind="hidden", has_floor=False,
+         tolerance_scale=2.5),
     Impl("ce-cce", "ce", "Apple cut-cross-entropy from hidden states: includes the [N,H]x[H,V] matmul",
          _build_cce, unavailable=_needs(CCE, "cut-cross-entropy"), kind="hidden", has_floor=False),
     # bfloat16 logits rounded by the matmul: its gradients drift further from the float32 oracle
@@ -253,10 +300,10 @@ def reference_for(impl: Impl, cfg: Config) -> Callable[[dict], torch.Tensor]:
     return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
 
 
-def select(names: list[str] | None) -> list[Impl]:
-    """The implementations named (all by default), in registry order."""
+def select(names: list[str] | None, device: str = "cuda") -> list[Impl]:
+    """The implementations named (by default all; on CPU those ``in_cpu_default``), in registry order."""
     if names is None:
-        return list(IMPLS.values())
+        return [impl for impl in IMPLS.values() if device != "cpu" or impl.in_cpu_default]
     unknown = [name for name in names if name not in IMPLS]
     if unknown:
         raise ValueError(f"--impl: unknown {unknown}; choose from {list(IMPLS)}")

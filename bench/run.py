@@ -83,7 +83,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.topk = None if args.topk.lower() in ("none", "0", "all") else int(args.topk)
     args.modes = ["fwd", "fwd+bwd"] if args.mode == "both" else [args.mode]
     try:
-        args.impls = [impl.name for impl in select(args.impl.split(",") if args.impl else None)]
+        args.impls = [impl.name for impl in select(args.impl.split(",") if args.impl else None, args.device)]
     except ValueError as error:
         parser.error(str(error))
     if any(n < 1 for n in args.tokens) or args.repeats < 1:

@@ -1,7 +1,8 @@
 """fused_cosloss: a fused cross-entropy + embedding-cosine loss for causal language models."""
 from .backends import available_backends
 from .functional import MixedLossOutput, mixed_loss
-from .module import MixedLoss
+from .linear import linear_mixed_loss
+from .module import LinearMixedLoss, MixedLoss
 
-__all__ = ["MixedLoss", "MixedLossOutput", "available_backends", "mixed_loss"]
+__all__ = ["LinearMixedLoss", "MixedLoss", "MixedLossOutput", "available_backends", "linear_mixed_loss", "mixed_loss"]
 __version__ = "0.1.0"

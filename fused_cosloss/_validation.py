@@ -89,3 +89,56 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         raise ValueError(
             f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, got {first}"
         )
+
+
+def check_linear_tensors(hidden, weight, labels, embedding, bias, shift: bool) -> None:
+    """Check the tensor arguments of the fused-linear loss (``embedding`` and ``bias`` may be None)."""
+    named = (("hidden", hidden), ("weight", weight), ("labels", labels))
+    optional = tuple((name, t) for name, t in (("embedding", embedding), ("bias", bias)) if t is not None)
+    for name, value in named + optional:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    for name, value in (("hidden", hidden), ("weight", weight)) + optional:
+        if not value.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype (float32, bfloat16, float16, float64), got {value.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected an integer dtype (int64, int32, ...), got {labels.dtype}")
+    for name, value in (("weight", weight),) + tuple((n, t) for n, t in optional if n == "bias"):
+        if value.dtype != hidden.dtype:
+            raise TypeError(f"{name}: expected the dtype of hidden ({hidden.dtype}), got {value.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden: expected shape [..., H], got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: expected a 2-D [V, H] tensor with H = {hidden.shape[-1]} (the last dim of hidden), "
+            f"got shape {tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    if vocab < 1:
+        raise ValueError(f"weight: expected a vocabulary size V >= 1, got shape {tuple(weight.shape)}")
+    if embedding is not None and (embedding.dim() != 2 or embedding.shape[0] != vocab):
+        raise ValueError(
+            f"embedding: expected a 2-D [V, H] tensor with V = {vocab} (the rows of weight), "
+            f"got shape {tuple(embedding.shape)}")
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(f"bias: expected shape ({vocab},) (the rows of weight), got {tuple(bias.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"labels: expected shape {tuple(hidden.shape[:-1])} (the leading shape of hidden {tuple(hidden.shape)}), "
+            f"got {tuple(labels.shape)}")
+    if shift and hidden.dim() < 3:
+        raise ValueError(
+            f"hidden: shift=True expects shape [B, T, H] (position t predicts labels[:, t + 1]), "
+            f"got {tuple(hidden.shape)}")
+    tensors = named + optional
+    if len({t.device for _, t in tensors}) != 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in tensors)
+        raise ValueError(f"{', '.join(name for name, _ in tensors)}: expected tensors on one device, got {where}")
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size: expected an int >= 1 or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size}")

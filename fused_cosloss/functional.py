@@ -67,15 +67,21 @@ def mixed_loss(
     if vocab < 1:
         raise ValueError(f"logits: expected a vocabulary size V >= 1, got shape {tuple(logits.shape)}")
     if shift:
-        labels = _shift_labels(labels, ignore_index)
+        labels = shift_labels(labels, ignore_index)
     check_label_range(labels, vocab, ignore_index)
 
-    flat_labels = labels.reshape(-1)
     ce_rows, cos_rows, correct = _rows(
-        logits.reshape(-1, vocab), flat_labels, embedding, temperature, topk, ignore_index,
+        logits.reshape(-1, vocab), labels.reshape(-1), embedding, temperature, topk, ignore_index,
         with_cos=alpha > 0 or return_parts, backend=backend,
     )
-    valid = flat_labels != ignore_index
+    return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
+                    reduction=reduction, shift=shift, return_parts=return_parts)
+
+
+def assemble(ce_rows, cos_rows, correct, labels, *, alpha, ignore_index, reduction, shift, return_parts):
+    """The loss (or a :class:`MixedLossOutput`) from the per-position ce_n, cos_n and
+    argmax == label of the flattened ``labels`` (already shifted when ``shift``)."""
+    valid = labels.reshape(-1) != ignore_index
     dist_rows = torch.where(valid, 1.0 - cos_rows, torch.zeros_like(cos_rows))
     loss_rows = alpha * dist_rows + (1.0 - alpha) * ce_rows
 
@@ -94,7 +100,7 @@ def mixed_loss(
     )
 
 
-def _shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """labels[..., t + 1] at position t and ignore_index at the last: the causal shift
     without copying the logits (their last position is simply ignored)."""
     pad = torch.full_like(labels[..., :1], ignore_index)

@@ -29,6 +29,16 @@ Example::
   of 1 - cos), the current ``alpha`` and the gradient norm each part contributes
   (``grad_norm_ce``, ``grad_norm_cos``).
 
+Fused-linear mode (``fused_linear=True``): the model's LM head is switched to return its
+input, so the model's output "logits" are the last hidden states ``[B, T, H]``, and the
+loss applies :func:`fused_cosloss.linear_mixed_loss` with the head's weight (and bias):
+no ``[B, T, V]`` tensor is built in training or evaluation. The switch is an instance-level
+``forward`` of the head, made at construction and undone by :meth:`MixedLossForTrainer.restore_lm_head`;
+parameters, tying, state dicts and DDP wrapping are untouched. It is exact for models whose
+logits are ``lm_head(hidden)``; models that scale or soft-cap the logits after the head
+(Gemma 2, Cohere, Granite) would have that applied to the hidden states instead, so
+they are refused. The gradient-norm probe, which needs the logits, is off in this mode.
+
 Counting note: the Trainer counts ``num_items_in_batch`` over ``labels[..., 1:]`` only for
 models it knows shift their labels, and over all of ``labels`` otherwise (GPT-2 in
 transformers 5.x). :func:`causal_lm_labels` sets the first label of each row to -100 (it
@@ -43,6 +53,10 @@ import torch
 
 from ._validation import check_scalars
 from .functional import mixed_loss
+from .linear import linear_mixed_loss
+
+# config attributes of models that transform the logits after the LM head
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def causal_lm_labels(input_ids, ignore_index: int = -100):
@@ -92,6 +106,10 @@ def _logits_of(outputs):
     return outputs[0]  # tuple outputs; the Trainer removed the labels, so there is no loss first
 
 
+def _identity(hidden_states):
+    return hidden_states
+
+
 def _all_reduce_sum(values: torch.Tensor, enabled: bool | None) -> torch.Tensor:
     """Sum over processes: when ``enabled``, or (None) whenever a process group is up."""
     if enabled is False or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -122,6 +140,10 @@ class MixedLossForTrainer:
             when it is the LM head).
         probe_grad_norms: measure ``grad_norm_ce`` / ``grad_norm_cos`` at logging steps
             (a second loss-only forward and backward on detached logits, nothing through the model).
+        fused_linear: compute the loss from the last hidden states and the LM head weight with
+            :func:`fused_cosloss.linear_mixed_loss`, never building the logits (see the module
+            docstring); needs ``model``.
+        chunk_size: positions per chunk of the fused-linear mode (None: its default).
     """
 
     def __init__(
@@ -137,9 +159,13 @@ class MixedLossForTrainer:
         alpha_warmup: float = 0.0,
         embedding_grad: bool = True,
         probe_grad_norms: bool = True,
+        fused_linear: bool = False,
+        chunk_size: int | None = None,
     ):
         if model is None and (embedding is None or isinstance(embedding, str)):
             raise ValueError("MixedLossForTrainer: pass the model, or the embedding tensor (or a callable returning it)")
+        if fused_linear and model is None:
+            raise ValueError("MixedLossForTrainer: fused_linear=True needs the model (its LM head is the linear layer)")
         if not 0.0 <= alpha_warmup <= 1.0:
             raise ValueError(f"alpha_warmup: expected a fraction of the training steps in [0, 1], got {alpha_warmup}")
         check_scalars(alpha, temperature, topk, "sum", backend)  # fail here, not at the first step
@@ -155,7 +181,9 @@ class MixedLossForTrainer:
         self.ignore_index = ignore_index
         self.alpha_warmup = float(alpha_warmup)
         self.embedding_grad = embedding_grad
-        self.probe_grad_norms = probe_grad_norms
+        self.fused_linear = fused_linear
+        self.chunk_size = chunk_size
+        self.probe_grad_norms = probe_grad_norms and not fused_linear
         self.probe_next = False
         # Sum the logged and evaluation counts over processes: None = whenever torch.distributed is
         # initialised; MixedLossCallback sets it from the Trainer's world size (a process group can
@@ -163,6 +191,40 @@ class MixedLossForTrainer:
         self.sync_processes: bool | None = None
         self.reset_train_stats()
         self.reset_eval_stats()
+        if fused_linear:
+            self._head_passes_hidden_states()
+
+    # ---- the fused-linear mode -------------------------------------------------------------
+
+    def _lm_head(self) -> torch.nn.Module:
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"fused_linear=True: expected the model's output embedding to be an nn.Linear, got "
+                             f"{type(head).__name__}")
+        return head
+
+    def _head_passes_hidden_states(self) -> None:
+        config = getattr(self.model, "config", None)
+        for name in _LOGIT_POSTPROCESSING:
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                raise ValueError(f"fused_linear=True: {type(self.model).__name__} transforms its logits after the "
+                                 f"LM head (config.{name}={getattr(config, name)}), which the fused loss does not")
+        head = self._lm_head()
+        head.forward = _identity
+
+    def restore_lm_head(self) -> None:
+        """Make the LM head compute logits again (undo ``fused_linear=True``)."""
+        if self.fused_linear:
+            self._lm_head().__dict__.pop("forward", None)
+
+    def _loss(self, inputs, labels, embedding, **options):
+        """mixed_loss on logits, or linear_mixed_loss on hidden states in the fused-linear mode."""
+        if not self.fused_linear:
+            return mixed_loss(inputs, labels, embedding, **options)
+        head = self._lm_head()
+        tied = embedding is head.weight
+        return linear_mixed_loss(inputs, head.weight, labels, embedding=None if tied else embedding, bias=head.bias,
+                                 chunk_size=self.chunk_size, **options)
 
     # ---- the loss --------------------------------------------------------------------------
 
@@ -203,11 +265,11 @@ class MixedLossForTrainer:
                        shift=True, backend=self.backend, reduction="sum")
         if training and alpha == 0.0:
             # Plain CE: skip the cosine term entirely (its parts are measured by the probe).
-            total = mixed_loss(logits, labels, embedding, alpha=0.0, **options)
+            total = self._loss(logits, labels, embedding, alpha=0.0, **options)
             n_valid = (labels[..., 1:] != self.ignore_index).sum()
             ce_sum, cos_sum = total.detach(), None
         else:
-            parts = mixed_loss(logits, labels, embedding, alpha=alpha, return_parts=True, **options)
+            parts = self._loss(logits, labels, embedding, alpha=alpha, return_parts=True, **options)
             total, n_valid = parts.loss, parts.n_valid
             ce_sum, cos_sum = parts.ce.detach(), parts.cos.detach()
             if not training:

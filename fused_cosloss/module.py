@@ -1,14 +1,40 @@
-"""``MixedLoss``: the mixed loss as an ``nn.Module``."""
+"""``MixedLoss`` and ``LinearMixedLoss``: the mixed loss as ``nn.Module``s."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ._validation import check_scalars
+from ._validation import check_chunk_size, check_scalars
 from .functional import mixed_loss
+from .linear import linear_mixed_loss
 
 
-class MixedLoss(nn.Module):
+class _LossOptions(nn.Module):
+    """The options both loss modules share, checked once at construction."""
+
+    def __init__(self, alpha, temperature, topk, ignore_index, reduction, shift, backend):
+        super().__init__()
+        check_scalars(alpha, temperature, topk, reduction, backend)
+        self.alpha = alpha
+        self.temperature = temperature
+        self.topk = topk
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.shift = shift
+        self.backend = backend
+
+    def _options(self) -> dict:
+        return dict(alpha=self.alpha, temperature=self.temperature, topk=self.topk, ignore_index=self.ignore_index,
+                    reduction=self.reduction, shift=self.shift, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, temperature={self.temperature}, topk={self.topk}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, shift={self.shift}, backend={self.backend!r}"
+        )
+
+
+class MixedLoss(_LossOptions):
     """Cross-entropy mixed with an embedding-space cosine distance; see :func:`mixed_loss`.
 
     Example::
@@ -27,25 +53,33 @@ class MixedLoss(nn.Module):
         shift: bool = False,
         backend: str = "auto",
     ):
-        super().__init__()
-        check_scalars(alpha, temperature, topk, reduction, backend)
-        self.alpha = alpha
-        self.temperature = temperature
-        self.topk = topk
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.shift = shift
-        self.backend = backend
+        super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, return_parts: bool = False):
-        return mixed_loss(
-            logits, labels, embedding, alpha=self.alpha, temperature=self.temperature, topk=self.topk,
-            ignore_index=self.ignore_index, reduction=self.reduction, shift=self.shift, backend=self.backend,
-            return_parts=return_parts,
-        )
+        return mixed_loss(logits, labels, embedding, return_parts=return_parts, **self._options())
+
+
+class LinearMixedLoss(_LossOptions):
+    """The mixed loss from hidden states and the LM head weight, without materialising the
+    logits; see :func:`linear_mixed_loss`.
+
+    Example::
+
+        loss_fn = LinearMixedLoss(alpha=0.5, topk=256, shift=True)
+        hidden = model.model(input_ids).last_hidden_state          # [B, T, H]
+        loss = loss_fn(hidden, model.lm_head.weight, input_ids)     # tied: embedding = weight
+    """
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, topk: int | None = 256, ignore_index: int = -100,
+                 reduction: str = "mean", shift: bool = False, backend: str = "auto", chunk_size: int | None = None):
+        super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend)
+        check_chunk_size(chunk_size)
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                embedding: torch.Tensor | None = None, bias: torch.Tensor | None = None, return_parts: bool = False):
+        return linear_mixed_loss(hidden, weight, labels, embedding=embedding, bias=bias, return_parts=return_parts,
+                                 chunk_size=self.chunk_size, **self._options())
 
     def extra_repr(self) -> str:
-        return (
-            f"alpha={self.alpha}, temperature={self.temperature}, topk={self.topk}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, shift={self.shift}, backend={self.backend!r}"
-        )
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

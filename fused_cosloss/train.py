@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--detach_cos_embedding", action="store_true",
                    help="no direct gradient from the cosine term into the embedding (it acts through the logits)")
     g.add_argument("--backend", default="auto", choices=("auto", "reference", "native", "triton"))
+    g.add_argument("--fused_linear", action="store_true",
+                   help="compute the loss from the hidden states and the LM head weight, never building [B, T, V] "
+                        "logits (fused_cosloss.linear_mixed_loss)")
 
     g = p.add_argument_group("training (Trainer arguments; tiny / pretrained defaults when not given)")
     g.add_argument("--per_device_train_batch_size", type=int, default=None)
@@ -343,7 +346,7 @@ def train_run(args, alpha: float, temperature: float, run_dir: str, prepared=Non
     loss_fn = MixedLossForTrainer(
         model, embedding=args.embedding, alpha=alpha, temperature=temperature, topk=args.cos_topk,
         backend=args.backend, alpha_warmup=args.alpha_warmup, embedding_grad=not args.detach_cos_embedding,
-        probe_grad_norms=not args.no_grad_norm_probe,
+        probe_grad_norms=not args.no_grad_norm_probe, fused_linear=args.fused_linear,
     )
     training_args = training_arguments(args, run_dir)
     if training_args.world_size > 1:  # exact loss-pass metrics under data parallelism (see pad_for_distributed_eval)

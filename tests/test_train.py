@@ -221,6 +221,46 @@ def test_trainer_eval_metrics_equal_full_logits(hf, tmp_path):
     assert "eval_runtime" in metrics
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainer_fused_linear_takes_the_same_step_and_metrics(hf, tmp_path, tied):
+    """fused_linear=True: the same SGD step and the same evaluation metrics as the logits path,
+    tied or not (untied: the cosine is measured in the input embedding), and no [B, T, V] logits."""
+    data = _blocks(4, seed=3)
+    results = []
+    for fused in (False, True):
+        model = _tiny_model(hf, tied=tied, seed=4)
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        loss_fn = MixedLossForTrainer(model, embedding=None if tied else "input", alpha=0.5, topk=8,
+                                      backend="reference", fused_linear=fused, chunk_size=5)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        trainer = hf.Trainer(
+            model=model, args=_args(hf, tmp_path, per_device_train_batch_size=4, per_device_eval_batch_size=3,
+                                    max_steps=1), train_dataset=data, eval_dataset=data,
+            data_collator=hf.default_data_collator, optimizers=(optimizer, scheduler), **loss_fn.trainer_kwargs())
+        trainer.train()
+        metrics = trainer.evaluate()
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor(data[:1]["input_ids"]))
+        assert out.logits.shape[-1] == (16 if fused else 64)  # fused: the head passes the hidden states on
+        loss_fn.restore_lm_head()
+        with torch.no_grad():
+            assert model(input_ids=torch.tensor(data[:1]["input_ids"])).logits.shape[-1] == 64
+        results.append(({k: p.detach() - before[k] for k, p in model.named_parameters()}, metrics))
+    (delta, metrics), (delta_fused, metrics_fused) = results
+    for name in delta:
+        torch.testing.assert_close(delta_fused[name], delta[name], rtol=1e-4, atol=1e-6, msg=name)
+    for key in ("eval_ce_loss", "eval_cos_sim", "eval_token_acc", "eval_tokens", "eval_mixed_loss"):
+        assert metrics_fused[key] == pytest.approx(metrics[key], rel=1e-5), key
+
+
+def test_fused_linear_refuses_models_that_rescale_logits(hf):
+    model = _tiny_model(hf)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        MixedLossForTrainer(model, fused_linear=True)
+
+
 def test_untied_model_needs_an_explicit_embedding(hf):
     model = _tiny_model(hf, tied=False)
     with pytest.raises(ValueError, match="not tied"):

@@ -1,0 +1,50 @@
+"""The reference as a kernel backend (the protocol of ``_kernel_function.py``).
+
+``mixed_loss`` calls the reference directly and lets autograd differentiate it; the
+fused-linear path instead drives every backend through ``forward_rows`` /
+``backward_rows`` one chunk of logits at a time, and this module is how the reference
+takes part: the forward runs without a graph, the backward runs the forward again on
+the chunk under autograd and differentiates it (the chunk's graph lives only that long).
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import reference_rows
+
+
+def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | None:
+    return None
+
+
+def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos):
+    """Per-row ce, cos, correct of the reference; nothing is saved (the backward recomputes)."""
+    with torch.no_grad():
+        ce, cos, correct = reference_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos)
+    return ce, cos, correct, ()
+
+
+def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+                  need_logits_grad, need_embedding_grad):
+    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n, by autograd of the recomputed rows."""
+    need_embedding_grad = need_embedding_grad and with_cos
+    with torch.enable_grad():
+        logits = logits.detach().requires_grad_(need_logits_grad)
+        embedding = embedding.detach().requires_grad_(need_embedding_grad)
+        ce, cos, _ = reference_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos)
+        objective = (grad_ce.to(ce.dtype) * ce).sum()
+        if with_cos:
+            objective = objective + (grad_cos.to(cos.dtype) * cos).sum()
+        inputs = [t for t, needed in ((logits, need_logits_grad), (embedding, need_embedding_grad)) if needed]
+        if inputs and objective.requires_grad:
+            grads = list(torch.autograd.grad(objective, inputs, allow_unused=True))
+        else:  # every row ignored: the objective is a constant
+            grads = [None] * len(inputs)
+    dlogits = _zero_if_none(grads.pop(0), logits) if need_logits_grad else None
+    dembedding = _zero_if_none(grads.pop(0), embedding) if need_embedding_grad else None
+    return dlogits, dembedding
+
+
+def _zero_if_none(grad, like):
+    """A gradient autograd reports as unused (every row ignored) is zero."""
+    return torch.zeros_like(like) if grad is None else grad

@@ -1,0 +1,95 @@
+"""``linear_mixed_loss``: the mixed loss from hidden states, without materialising the logits."""
+from __future__ import annotations
+
+import torch
+
+from . import _reference_ops, backends
+from ._kernel_function import kernel_layouts
+from ._linear_function import LinearMixedRows
+from ._validation import check_chunk_size, check_label_range, check_linear_tensors, check_scalars
+from .functional import assemble, shift_labels
+
+# Default chunk: about this many logits at a time (V = 50257: 333 rows on CPU, 1335 on CUDA).
+CPU_CHUNK_ELEMENTS = 2**24
+CUDA_CHUNK_ELEMENTS = 2**26
+
+
+def linear_mixed_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    embedding: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    topk: int | None = 256,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    shift: bool = False,
+    backend: str = "auto",
+    return_parts: bool = False,
+    chunk_size: int | None = None,
+):
+    """``mixed_loss(hidden @ weight.T + bias, labels, embedding)`` without the ``[N, V]`` logits.
+
+    The logits exist one chunk of ``chunk_size`` positions at a time, in the forward and
+    again in the backward (which recomputes them); peak extra memory is about two chunks
+    of logits (the chunk and its gradient) plus float32 accumulators of weight's (and
+    bias's, embedding's) size, plus O(N * (K + H)) saved per position.
+
+    Args:
+        hidden: ``[..., H]`` float32, bfloat16, float16 (or float64), e.g. the last hidden
+            states of a causal LM's base model.
+        weight: ``[V, H]`` LM head weight, the dtype of ``hidden``.
+        labels: integer, the leading shape of ``hidden``.
+        embedding: ``[V, H_e]`` token embedding of the cosine term; None (the default) uses
+            ``weight`` (tied embeddings), and its gradient then adds to ``weight``'s.
+        bias: ``[V]`` LM head bias or None.
+        chunk_size: positions per chunk; None takes about 2**24 logits per chunk on CPU and
+            2**26 on CUDA.
+        The other arguments are those of :func:`fused_cosloss.mixed_loss`.
+
+    Returns:
+        What :func:`fused_cosloss.mixed_loss` returns on the logits ``hidden @ weight.T + bias``.
+    """
+    check_scalars(alpha, temperature, topk, reduction, backend)
+    check_linear_tensors(hidden, weight, labels, embedding, bias, shift)
+    check_chunk_size(chunk_size)
+    vocab = weight.shape[0]
+    if shift:
+        labels = shift_labels(labels, ignore_index)
+    check_label_range(labels, vocab, ignore_index)
+
+    ce_rows, cos_rows, correct = _linear_rows(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, embedding, labels.reshape(-1),
+        temperature, topk, ignore_index, with_cos=alpha > 0 or return_parts, backend=backend,
+        chunk_size=chunk_size,
+    )
+    return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
+                    reduction=reduction, shift=shift, return_parts=return_parts)
+
+
+def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
+    """Positions per chunk so that a chunk holds about CPU/CUDA_CHUNK_ELEMENTS logits."""
+    budget = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
+    return max(1, min(n, budget // vocab))
+
+
+@torch.compiler.disable
+def _linear_rows(hidden, weight, bias, embedding, labels, temperature, topk, ignore_index, *, with_cos, backend,
+                 chunk_size):
+    vocab = weight.shape[0]
+    k = vocab if topk is None else min(topk, vocab)
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    table = weight if embedding is None else embedding
+    # the chunk logits have hidden's dtype and device: the backend is chosen for them
+    ops = backends.resolve(backend, hidden, table) or _reference_ops
+    _, labels, table = kernel_layouts(hidden, labels, table)
+    embedding = None if embedding is None else table
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab, hidden.device)
+    return LinearMixedRows.apply(
+        hidden, weight, bias, embedding, labels, ops, float(temperature), int(k), int(ignore_index),
+        bool(with_cos), int(chunk),
+    )
