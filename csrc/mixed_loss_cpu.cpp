@@ -435,6 +435,9 @@ void backward_logits(const Shapes& s, const at::Tensor& logits, const at::Tensor
                      int64_t ignore_index, bool with_cos, at::Tensor& dz) {
   const TL* lp = logits.data_ptr<TL>();
   TL* dp = dz.data_ptr<TL>();
+  // dz may be the logits themselves (in place): each tile of z is read before its gradient
+  // is written over it (bfloat16 rows are converted whole first), so that is safe
+  const int64_t dz_stride = dz.stride(0);
   const int64_t* lab = labels.data_ptr<int64_t>();
   const int64_t V = s.vocab, K = s.k;
   at::parallel_for(0, s.n, 1, [&](int64_t begin, int64_t end) {
@@ -442,7 +445,7 @@ void backward_logits(const Shapes& s, const at::Tensor& logits, const at::Tensor
     alignas(64) float tile[kTile];
     alignas(64) TL out_tile[std::is_same_v<TL, float> ? 1 : kTile];
     for (int64_t n = begin; n < end; ++n) {
-      TL* drow = dp + n * V;
+      TL* drow = dp + n * dz_stride;
       const int64_t y = lab[n];
       if (y == ignore_index) {
         std::memset(static_cast<void*>(tile), 0, sizeof tile);
@@ -491,7 +494,7 @@ struct Entry {
 template <typename TE>
 void backward_embedding(const Shapes& s, const at::Tensor& labels, const float* stats, const int32_t* idx,
                         const float* w, const float* g2, const float* grad_cos, int64_t ignore_index,
-                        at::Tensor& dE) {
+                        at::Tensor& dE, bool accumulate) {
   const int64_t N = s.n, V = s.vocab, H = s.hidden, K = s.k;
   const int64_t* lab = labels.data_ptr<int64_t>();
   auto row_used = [&](int64_t n) {
@@ -523,6 +526,15 @@ void backward_embedding(const Shapes& s, const at::Tensor& labels, const float* 
     }
   }
   TE* out = dE.data_ptr<TE>();
+  if (accumulate) {  // dE is a float32 accumulator: add each row's sum to it, leave untouched rows alone
+    float* acc_out = dE.data_ptr<float>();
+    at::parallel_for(0, V, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v)
+        for (int64_t e = offsets[v]; e < offsets[v + 1]; ++e)
+          axpy(entries[e].coef, g2 + static_cast<int64_t>(entries[e].src) * H, acc_out + v * H, H);
+    });
+    return;
+  }
   at::parallel_for(0, V, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(H);
     std::vector<TE> converted(std::is_same_v<TE, float> ? 0 : H);
@@ -578,7 +590,8 @@ std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& lab
                                  const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& w,
                                  const at::Tensor& c, const at::Tensor& g2, const at::Tensor& grad_ce,
                                  const at::Tensor& grad_cos, int64_t k, int64_t ignore_index, bool with_cos,
-                                 bool need_logits_grad, bool need_embedding_grad) {
+                                 bool need_logits_grad, bool need_embedding_grad, bool inplace_logits_grad,
+                                 const std::optional<at::Tensor>& embedding_grad_out) {
   check_inputs(logits, labels, emb, k);
   const Shapes s = make_shapes(logits, emb, k);
   TORCH_CHECK(grad_ce.scalar_type() == at::kFloat && grad_ce.is_contiguous() && grad_ce.numel() == s.n,
@@ -602,20 +615,33 @@ std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& lab
 
   at::Tensor dz, dE;
   if (need_logits_grad) {
-    dz = at::empty({s.n, s.vocab}, logits.options());
-    advise_huge_pages(dz.data_ptr(), dz.nbytes());
+    if (inplace_logits_grad) {
+      dz = logits;
+    } else {
+      dz = at::empty({s.n, s.vocab}, logits.options());
+      advise_huge_pages(dz.data_ptr(), dz.nbytes());
+    }
     if (logits.scalar_type() == at::kBFloat16)
       backward_logits<c10::BFloat16>(s, logits, labels, st, ip, cp, gce, gcos, ignore_index, with_cos, dz);
     else
       backward_logits<float>(s, logits, labels, st, ip, cp, gce, gcos, ignore_index, with_cos, dz);
   }
   if (need_embedding_grad && with_cos) {
-    dE = at::empty({s.vocab, s.hidden}, emb.options());
-    advise_huge_pages(dE.data_ptr(), dE.nbytes());
-    if (emb.scalar_type() == at::kBFloat16)
-      backward_embedding<c10::BFloat16>(s, labels, st, ip, wp, gp, gcos, ignore_index, dE);
+    const bool accumulate = embedding_grad_out.has_value();
+    if (accumulate) {
+      dE = *embedding_grad_out;
+      TORCH_CHECK(dE.scalar_type() == at::kFloat && dE.is_contiguous() && dE.size(0) == s.vocab &&
+                      dE.size(1) == s.hidden,
+                  "fused_cosloss native: embedding_grad_out must be a contiguous float32 [V, H]");
+    } else {
+      dE = at::empty({s.vocab, s.hidden}, emb.options());
+      advise_huge_pages(dE.data_ptr(), dE.nbytes());
+    }
+    if (accumulate || emb.scalar_type() != at::kBFloat16)
+      backward_embedding<float>(s, labels, st, ip, wp, gp, gcos, ignore_index, dE, accumulate);
     else
-      backward_embedding<float>(s, labels, st, ip, wp, gp, gcos, ignore_index, dE);
+      backward_embedding<c10::BFloat16>(s, labels, st, ip, wp, gp, gcos, ignore_index, dE, accumulate);
+    if (accumulate) dE = at::Tensor();
   }
   return {dz, dE};
 }

@@ -10,10 +10,13 @@ A kernel backend is a module with three functions; ``k`` is already min(topk, V)
     ``with_cos`` is False), ``[N]`` bool argmax == label, and a tuple of tensors the
     backward needs (O(N * (K + H)) memory at most).
 ``backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k,``
-``ignore_index, with_cos, need_logits_grad, need_embedding_grad) -> (dlogits, dembedding)``
+``ignore_index, with_cos, need_logits_grad, need_embedding_grad, inplace=False,``
+``embedding_grad_out=None) -> (dlogits, dembedding)``
     The SPEC gradients of ``sum_n grad_ce[n] * ce_n + grad_cos[n] * cos_n`` (``grad_*``
     are ``[N]`` float32/float64), in the dtypes of logits and embedding, or None where
-    not needed.
+    not needed. ``inplace``: the logits gradient is written over ``logits`` (and that
+    tensor returned). ``embedding_grad_out``: a float32 ``[V, H]`` tensor the embedding
+    gradient is added to (None is returned for it).
 ``fake_forward_rows(...)`` (same arguments as ``forward_rows``)
     Empty tensors of the shapes, dtypes and devices ``forward_rows`` returns, for the
     ``torch.compile`` path: there the backend runs as the custom ops of ``_custom_ops.py``
@@ -31,22 +34,26 @@ class KernelRows(torch.autograd.Function):
     """Per-position (ce, cos, correct) from a kernel backend, differentiable in logits and embedding."""
 
     @staticmethod
-    def forward(ctx, logits, embedding, labels, ops, temperature, k, ignore_index, with_cos):
+    def forward(ctx, logits, embedding, labels, ops, temperature, k, ignore_index, with_cos, inplace_grad=False):
         ce, cos, correct, saved = ops.forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos)
         ctx.mark_non_differentiable(correct)
         ctx.save_for_backward(logits, embedding, labels, *saved)
-        ctx.options = (ops, temperature, k, ignore_index, with_cos)
+        ctx.options = (ops, temperature, k, ignore_index, with_cos, inplace_grad)
         return ce, cos, correct
 
     @staticmethod
     def backward(ctx, grad_ce, grad_cos, _grad_correct):
         logits, embedding, labels, *saved = ctx.saved_tensors
-        ops, temperature, k, ignore_index, with_cos = ctx.options
+        ops, temperature, k, ignore_index, with_cos, inplace_grad = ctx.options
         dlogits, dembedding = ops.backward_rows(
             logits, labels, embedding, tuple(saved), grad_ce.contiguous(), grad_cos.contiguous(),
             temperature, k, ignore_index, with_cos, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            inplace=inplace_grad,
         )
-        return dlogits, dembedding, None, None, None, None, None, None
+        if inplace_grad and dlogits is not None:
+            # the logits now hold their gradient: any other use autograd saved of them must fail loudly
+            torch.autograd.graph.increment_version(dlogits)
+        return dlogits, dembedding, None, None, None, None, None, None, None
 
 
 def kernel_layouts(logits, labels, embedding):
@@ -56,9 +63,11 @@ def kernel_layouts(logits, labels, embedding):
     return logits, labels.long().contiguous(), embedding.contiguous()
 
 
-def kernel_rows(ops, logits, labels, embedding, temperature, k, ignore_index, with_cos):
-    """Run a kernel backend on ``logits [N, V]``, making the layouts it expects."""
+def kernel_rows(ops, logits, labels, embedding, temperature, k, ignore_index, with_cos, inplace_grad=False):
+    """Run a kernel backend on ``logits [N, V]``, making the layouts it expects (``inplace_grad``:
+    the backward writes the logits gradient over the logits)."""
     logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     return KernelRows.apply(
         logits, embedding, labels, ops, float(temperature), int(k), int(ignore_index), bool(with_cos),
+        bool(inplace_grad),
     )

@@ -25,9 +25,11 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
 
 
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
-                  need_logits_grad, need_embedding_grad):
-    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n, by autograd of the recomputed rows."""
+                  need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
+    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n, by autograd of the recomputed rows
+    (``inplace``: copied into the logits' storage; ``embedding_grad_out``: added to that tensor)."""
     need_embedding_grad = need_embedding_grad and with_cos
+    storage = logits
     with torch.enable_grad():
         logits = logits.detach().requires_grad_(need_logits_grad)
         embedding = embedding.detach().requires_grad_(need_embedding_grad)
@@ -42,6 +44,11 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
             grads = [None] * len(inputs)
     dlogits = _zero_if_none(grads.pop(0), logits) if need_logits_grad else None
     dembedding = _zero_if_none(grads.pop(0), embedding) if need_embedding_grad else None
+    if inplace and dlogits is not None:
+        dlogits = storage.copy_(dlogits)
+    if embedding_grad_out is not None and dembedding is not None:
+        embedding_grad_out += dembedding
+        dembedding = None
     return dlogits, dembedding
 
 

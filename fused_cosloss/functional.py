@@ -42,6 +42,7 @@ def mixed_loss(
     shift: bool = False,
     backend: str = "auto",
     return_parts: bool = False,
+    inplace_grad: bool = False,
 ):
     """The mixed loss of SPEC.md: ``alpha * (1 - cos_n) + (1 - alpha) * ce_n`` per position.
 
@@ -56,6 +57,11 @@ def mixed_loss(
         shift: causal-LM shift for ``[B, T, V]`` logits: position t predicts ``labels[:, t + 1]``.
         backend: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"``.
         return_parts: return a :class:`MixedLossOutput` instead of the loss alone.
+        inplace_grad: the backward writes the logits' gradient over the logits themselves
+            (their storage then holds the gradient; no second ``[N, V]`` tensor is allocated),
+            as Liger-Kernel's cross-entropy does. Use it when nothing reads the logits after
+            the backward; autograd raises if something it saved still needs them. Not
+            supported under ``torch.compile``.
 
     Returns:
         The loss (a scalar, or the per-position values for ``"none"``: 0 at ignored
@@ -72,22 +78,22 @@ def mixed_loss(
 
     ce_rows, cos_rows, correct = _rows(
         logits.reshape(-1, vocab), labels.reshape(-1), embedding, temperature, topk, ignore_index,
-        with_cos=alpha > 0 or return_parts, backend=backend,
+        with_cos=alpha > 0 or return_parts, backend=backend, inplace_grad=inplace_grad,
     )
     return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
                     reduction=reduction, shift=shift, return_parts=return_parts)
 
 
-def assemble(ce_rows, cos_rows, correct, labels, *, alpha, ignore_index, reduction, shift, return_parts):
+def assemble(ce_rows, cos_rows, correct, labels, *, alpha, ignore_index, reduction, shift, return_parts, loss=None):
     """The loss (or a :class:`MixedLossOutput`) from the per-position ce_n, cos_n and
-    argmax == label of the flattened ``labels`` (already shifted when ``shift``)."""
+    argmax == label of the flattened ``labels`` (already shifted when ``shift``); ``loss``,
+    when given, is the reduced loss already computed (with its own gradient)."""
     valid = labels.reshape(-1) != ignore_index
     dist_rows = torch.where(valid, 1.0 - cos_rows, torch.zeros_like(cos_rows))
-    loss_rows = alpha * dist_rows + (1.0 - alpha) * ce_rows
-
     n_valid = valid.sum()
     shape = labels.shape
-    loss = _reduce(loss_rows, n_valid, reduction, shape, shift)
+    if loss is None:
+        loss = _reduce(alpha * dist_rows + (1.0 - alpha) * ce_rows, n_valid, reduction, shape, shift)
     if not return_parts:
         return loss
     return MixedLossOutput(
@@ -120,10 +126,13 @@ def _resolved_name(backend: str, logits_device, logits_dtype, embedding_device, 
     return "reference" if ops is None else _KERNEL_NAMES[ops.__name__]
 
 
-def _rows(logits, labels, embedding, temperature, topk, ignore_index, *, with_cos, backend):
+def _rows(logits, labels, embedding, temperature, topk, ignore_index, *, with_cos, backend, inplace_grad=False):
     vocab = logits.shape[-1]
     k = vocab if topk is None else min(topk, vocab)
     if torch.compiler.is_compiling():
+        if inplace_grad:
+            raise ValueError("inplace_grad: expected False under torch.compile (a traced graph may not write "
+                             "over its inputs in the backward), got True")
         # traced: the choice depends on devices and dtypes only; the kernel is one custom-op node
         name = _resolved_name(backend, logits.device, logits.dtype, embedding.device, embedding.dtype)
         if name == "reference":
@@ -131,8 +140,27 @@ def _rows(logits, labels, embedding, temperature, topk, ignore_index, *, with_co
         return compiled_kernel_rows(name, logits, labels, embedding, temperature, k, ignore_index, with_cos)
     ops = backends.resolve(backend, logits, embedding)
     if ops is None:
+        if inplace_grad:
+            logits = GradIntoLogits.apply(logits)
         return reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos)
-    return kernel_rows(ops, logits, labels, embedding, temperature, k, ignore_index, with_cos)
+    return kernel_rows(ops, logits, labels, embedding, temperature, k, ignore_index, with_cos, inplace_grad)
+
+
+class GradIntoLogits(torch.autograd.Function):
+    """Identity whose backward copies the incoming gradient into the input's storage and returns
+    that storage: ``inplace_grad`` for the reference (same result, no memory saved)."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        ctx.save_for_backward(logits)
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        with torch.no_grad():
+            logits.copy_(grad)
+        return logits
 
 
 def _reduce(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str, shape, shift: bool) -> torch.Tensor:

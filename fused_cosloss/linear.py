@@ -5,7 +5,7 @@ import torch
 
 from . import _reference_ops, backends
 from ._kernel_function import kernel_layouts
-from ._linear_function import LinearMixedRows
+from ._linear_function import LinearMixedLoss, LinearMixedRows
 from ._validation import check_chunk_size, check_label_range, check_linear_tensors, check_scalars
 from .functional import assemble, shift_labels
 
@@ -33,10 +33,15 @@ def linear_mixed_loss(
 ):
     """``mixed_loss(hidden @ weight.T + bias, labels, embedding)`` without the ``[N, V]`` logits.
 
-    The logits exist one chunk of ``chunk_size`` positions at a time, in the forward and
-    again in the backward (which recomputes them); peak extra memory is about two chunks
-    of logits (the chunk and its gradient) plus float32 accumulators of weight's (and
-    bias's, embedding's) size, plus O(N * (K + H)) saved per position.
+    The logits exist one chunk of ``chunk_size`` positions at a time. With
+    ``reduction="mean"`` or ``"sum"`` and inputs that require grad, the gradients are
+    computed in the forward (each chunk's logits gradient is written over the chunk and
+    turned into the hidden / weight / bias gradients at once): the backward costs nothing
+    more, and the ``.ce`` / ``.cos`` parts of ``return_parts`` are for reading, not for
+    differentiating. With ``reduction="none"`` the backward recomputes each chunk's logits.
+    Peak extra memory is about one or two chunks of logits, float32 accumulators of
+    weight's (and bias's, embedding's) size and the gradient of hidden, plus, for
+    ``"none"``, O(N * (K + H)) saved per position.
 
     Args:
         hidden: ``[..., H]`` float32, bfloat16, float16 (or float64), e.g. the last hidden
@@ -61,13 +66,13 @@ def linear_mixed_loss(
         labels = shift_labels(labels, ignore_index)
     check_label_range(labels, vocab, ignore_index)
 
-    ce_rows, cos_rows, correct = _linear_rows(
+    loss, ce_rows, cos_rows, correct = _linear_rows(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, embedding, labels.reshape(-1),
         temperature, topk, ignore_index, with_cos=alpha > 0 or return_parts, backend=backend,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, alpha=alpha, reduction=reduction,
     )
     return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
-                    reduction=reduction, shift=shift, return_parts=return_parts)
+                    reduction=reduction, shift=shift, return_parts=return_parts, loss=loss)
 
 
 def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
@@ -78,7 +83,8 @@ def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
 
 @torch.compiler.disable
 def _linear_rows(hidden, weight, bias, embedding, labels, temperature, topk, ignore_index, *, with_cos, backend,
-                 chunk_size):
+                 chunk_size, alpha, reduction):
+    """(loss or None, ce, cos, correct) per position; the loss when it was computed with its gradient."""
     vocab = weight.shape[0]
     k = vocab if topk is None else min(topk, vocab)
     hidden = hidden.contiguous()
@@ -89,7 +95,9 @@ def _linear_rows(hidden, weight, bias, embedding, labels, temperature, topk, ign
     _, labels, table = kernel_layouts(hidden, labels, table)
     embedding = None if embedding is None else table
     chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab, hidden.device)
-    return LinearMixedRows.apply(
-        hidden, weight, bias, embedding, labels, ops, float(temperature), int(k), int(ignore_index),
-        bool(with_cos), int(chunk),
-    )
+    args = (hidden, weight, bias, embedding, labels, ops, float(temperature), int(k), int(ignore_index),
+            bool(with_cos), int(chunk))
+    differentiable = [t for t in (hidden, weight, bias, embedding) if t is not None and t.requires_grad]
+    if reduction != "none" and differentiable and torch.is_grad_enabled():
+        return LinearMixedLoss.apply(*args, float(alpha), reduction)
+    return (None, *LinearMixedRows.apply(*args))

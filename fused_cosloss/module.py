@@ -52,11 +52,17 @@ class MixedLoss(_LossOptions):
         reduction: str = "mean",
         shift: bool = False,
         backend: str = "auto",
+        inplace_grad: bool = False,
     ):
         super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend)
+        self.inplace_grad = inplace_grad
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, return_parts: bool = False):
-        return mixed_loss(logits, labels, embedding, return_parts=return_parts, **self._options())
+        return mixed_loss(logits, labels, embedding, return_parts=return_parts, inplace_grad=self.inplace_grad,
+                          **self._options())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", inplace_grad=True" if self.inplace_grad else "")
 
 
 class LinearMixedLoss(_LossOptions):

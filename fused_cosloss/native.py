@@ -223,8 +223,9 @@ def fake_forward_rows(logits, labels, embedding, temperature, k, ignore_index, w
 
 
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
-                  need_logits_grad, need_embedding_grad):
-    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n in the dtypes of logits and embedding."""
+                  need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
+    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n in the dtypes of logits and embedding
+    (``inplace``: into the logits' storage; ``embedding_grad_out``: added to that float32 tensor)."""
     stats, *rest = saved
     if with_cos:
         idx, w, c, g2 = rest
@@ -233,6 +234,8 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
     dlogits, dembedding = extension().backward(
         logits, labels, embedding, stats, idx, w, c, g2,
         grad_ce.to(torch.float32).contiguous(), grad_cos.to(torch.float32).contiguous(),
-        int(k), int(ignore_index), bool(with_cos), bool(need_logits_grad), bool(need_embedding_grad))
+        int(k), int(ignore_index), bool(with_cos), bool(need_logits_grad), bool(need_embedding_grad), bool(inplace),
+        embedding_grad_out)
     # Without the cosine term the loss does not depend on the embedding: no gradient, as in the reference.
-    return (dlogits if need_logits_grad else None), (dembedding if need_embedding_grad and with_cos else None)
+    wanted = need_embedding_grad and with_cos and embedding_grad_out is None
+    return (dlogits if need_logits_grad else None), (dembedding if wanted else None)

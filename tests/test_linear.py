@@ -67,7 +67,13 @@ def objective_weights(gen, reduction, n):
 
 
 def run_both(hidden, weight, labels, embedding, bias, weights, backend, **options):
-    """Values and gradients of the fused-linear loss and of mixed_loss on the explicit logits."""
+    """Values and gradients of the fused-linear loss and of mixed_loss on the explicit logits.
+
+    The objective weighs loss, ce and cos with ``weights`` for reduction="none"; for "mean" and
+    "sum" (whose gradient the fused-linear mode computes in the forward, for the loss only) it
+    is the weighted loss alone."""
+    if options.get("reduction", "mean") != "none":
+        weights = (weights[0], 0.0, 0.0)
     results = []
     for fused in (True, False):
         leaves = [t.detach().clone().requires_grad_() if t is not None else None
@@ -80,11 +86,16 @@ def run_both(hidden, weight, labels, embedding, bias, weights, backend, **option
             explicit_options = {key: value for key, value in options.items() if key != "chunk_size"}
             out = mixed_loss(logits, labels, w if e is None else e, backend="reference", return_parts=True,
                              **explicit_options)
-        objective = sum((c.to(p.dtype) * p).sum() for c, p in zip(weights, (out.loss, out.ce, out.cos)))
+        objective = sum((torch.as_tensor(c).to(p.dtype) * p).sum()
+                        for c, p in zip(weights, (out.loss, out.ce, out.cos)) if not _is_zero(c))
         objective.backward()
         grads = {name: t.grad for name, t in zip(("hidden", "weight", "embedding", "bias"), leaves) if t is not None}
         results.append((out, grads))
     return results
+
+
+def _is_zero(weight) -> bool:
+    return not torch.is_tensor(weight) and weight == 0.0
 
 
 def assert_agree(fused, explicit, rel, reduction):
@@ -148,6 +159,20 @@ def test_shift_and_module(backend, gen):
     assert "chunk_size=5" in repr(module)
 
 
+def test_parts_of_a_reduced_loss_refuse_a_gradient(gen):
+    """mean / sum compute the loss's gradient in the forward: differentiating .ce must raise, not
+    silently give the loss's gradient; .loss alone and reduction='none' parts work."""
+    hidden, weight, labels, _, _ = make_linear_inputs(gen, 10)
+    hidden.requires_grad_()
+    out = linear_mixed_loss(hidden, weight, labels, topk=TOPK, return_parts=True, backend="reference")
+    with pytest.raises(RuntimeError, match="reduction='none'"):
+        (out.loss + out.ce).backward()
+    out = linear_mixed_loss(hidden, weight, labels, topk=TOPK, return_parts=True, backend="reference",
+                            reduction="none")
+    out.ce.sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
 def test_every_position_ignored(backend, gen):
     name, device = backend
     hidden, weight, labels, _, bias_t = make_linear_inputs(gen, 9, device=device, bias=True)
@@ -155,7 +180,7 @@ def test_every_position_ignored(backend, gen):
     hidden.requires_grad_(), weight.requires_grad_(), bias_t.requires_grad_()
     loss = linear_mixed_loss(hidden, weight, labels, bias=bias_t, topk=TOPK, backend=name, chunk_size=4)
     loss.backward()
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     for t in (hidden, weight, bias_t):
         assert torch.count_nonzero(t.grad) == 0
 
@@ -176,7 +201,7 @@ import json, sys
 import torch
 from bench.measure import peak_bytes
 from fused_cosloss import linear_mixed_loss
-name, vocab, hidden_size, chunk, topk = sys.argv[1], 8000, 32, 128, 16
+name, reduction, vocab, hidden_size, chunk, topk = sys.argv[1], sys.argv[2], 8000, 32, 128, 16
 gen = torch.Generator().manual_seed(0)
 weight = torch.randn(vocab, hidden_size, generator=gen).requires_grad_()
 peaks = {}
@@ -185,25 +210,27 @@ for n in (512, 4096):
     labels = torch.randint(0, vocab, (n,), generator=gen)
     def step():
         weight.grad = hidden.grad = None
-        linear_mixed_loss(hidden, weight, labels, topk=topk, backend=name, chunk_size=chunk).backward()
+        linear_mixed_loss(hidden, weight, labels, topk=topk, backend=name, chunk_size=chunk,
+                          reduction=reduction).sum().backward()
     step()  # the first call's one-off allocations are not the loss's
     peaks[n] = peak_bytes("cpu", lambda: None, step)[0]
 print(json.dumps(peaks))
 """
 
 
-@pytest.mark.parametrize("name", ["reference", "native"])
-def test_peak_memory_does_not_grow_with_tokens(name):
+@pytest.mark.parametrize("name, reduction", [("reference", "mean"), ("native", "mean"), ("native", "none")])
+def test_peak_memory_does_not_grow_with_tokens(name, reduction):
     """At a fixed chunk size, going from 512 to 4096 positions adds only the O(N * (K + H))
     saved per position, far less than the logits would. Measured as the resident-set
     high-water mark in a fresh process whose malloc hands every large block straight to
-    mmap (glibc's adaptive threshold would otherwise keep freed chunks resident, at random)."""
+    mmap (glibc's adaptive threshold would otherwise keep freed chunks resident, at random).
+    "mean" computes the gradients in the forward; "none" saves per-position state and recomputes."""
     backend_or_skip(name, "cpu")
     if cpu_peak_supported() is not None:
         pytest.skip(cpu_peak_supported())
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(root))
-    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, name], env=env, cwd=root, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, name, reduction], env=env, cwd=root, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     peaks = {int(n): value for n, value in json.loads(done.stdout.strip().splitlines()[-1]).items()}

@@ -205,7 +205,7 @@ def fake_forward_rows(logits, labels, embedding, temperature, k, ignore_index, w
 
 
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
-                  need_logits_grad, need_embedding_grad):
+                  need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
     stats, tie, s_idx, s_val, mu, cstats = saved
     n, vocab = logits.shape
     hidden = embedding.shape[1]
@@ -214,12 +214,16 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
     grad_cos = grad_cos.to(torch.float32).contiguous()
     want_demb = need_embedding_grad and with_cos
     if n == 0:
-        dlogits = torch.zeros_like(logits) if need_logits_grad else None
-        demb = torch.zeros_like(embedding) if want_demb else None
+        dlogits = (logits if inplace else torch.zeros_like(logits)) if need_logits_grad else None
+        demb = torch.zeros_like(embedding) if want_demb and embedding_grad_out is None else None
         return dlogits, demb
     if with_cos and k > SPARSE_MAX_K:
-        return _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, ignore_index,
-                               need_logits_grad, want_demb)
+        dlogits, demb = _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature,
+                                        ignore_index, need_logits_grad, want_demb, inplace)
+        if demb is not None and embedding_grad_out is not None:
+            embedding_grad_out += demb
+            demb = None
+        return dlogits, demb
     tiles = _tiles(n, k, hidden)
     rows = tiles["BR"]
     demb = None
@@ -238,13 +242,17 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
         keys_t = torch.where(contributes & want_demb, 2 * labels + 1, 2 * vocab).to(torch.int32)
         s_dot = torch.empty(n, k, device=device, dtype=torch.float32) if need_logits_grad else _empty(device)
         demb = _vocabulary_pass(torch.cat([keys_s, keys_t]), n * k, k, embedding, s_dot, s_val, stats, coef, g, mu,
-                                temperature, need_logits_grad, want_demb, base=None)
+                                temperature, need_logits_grad, want_demb, base=embedding_grad_out,
+                                out=embedding_grad_out)
+        if embedding_grad_out is not None:
+            demb = None
         del g
     dlogits = None
     if need_logits_grad:
-        dlogits = torch.empty(n, vocab, device=device, dtype=logits.dtype)
+        dlogits = logits if inplace else torch.empty(n, vocab, device=device, dtype=logits.dtype)
         backward_rows_kernel[(triton.cdiv(n, rows),)](
-            logits, logits.stride(0), labels, grad_ce, grad_cos, stats, tie, s_idx, s_val, s_dot, coef, dlogits,
+            logits, logits.stride(0), labels, grad_ce, grad_cos, stats, tie, s_idx, s_val, s_dot, coef,
+            dlogits, dlogits.stride(0),
             n, vocab, k, ignore_index, float(temperature),
             WITH_COS=with_cos, BR=rows, BV=_row_block(vocab), BK=tiles["BK_BWD"], num_warps=tiles["NW_BWD"],
         )
@@ -252,15 +260,19 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
 
 
 def _vocabulary_pass(keys, nk, k, embedding, s_dot, s_val, stats, coef, g, mu, temperature, write_s, write_demb,
-                     base):
+                     base, out=None):
     """s on S (when write_s) and dE (when write_demb) from the entry keys 2 * v + is_target
-    (2 * V marks an entry that adds nothing)."""
+    (2 * V marks an entry that adds nothing); dE = base + the sum when base is given, written
+    to ``out`` (which may be ``base`` itself: each row is read before it is written)."""
     vocab, hidden = embedding.shape
     device = embedding.device
     sorted_keys, perm = torch.sort(keys, stable=True)
     offsets = torch.searchsorted(sorted_keys, torch.arange(2 * vocab + 1, device=device, dtype=sorted_keys.dtype))
     del sorted_keys
-    demb = torch.empty_like(embedding) if write_demb else _empty(device, embedding.dtype)
+    if out is not None:
+        demb = out
+    else:
+        demb = torch.empty_like(embedding) if write_demb else _empty(device, embedding.dtype)
     tiles = _vocab_tiles(hidden)
     embedding_grad_kernel[(triton.cdiv(vocab, tiles["VB"]),)](
         demb, base if base is not None else _empty(device), s_dot, perm, offsets, s_val, stats, coef, g, mu, embedding,
@@ -330,7 +342,7 @@ def _row_coefficients(cstats, grad_cos):
 
 
 def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, ignore_index,
-                    need_logits_grad, want_demb):
+                    need_logits_grad, want_demb, inplace=False):
     stats, tie, _, _, mu, cstats = saved
     n, vocab = logits.shape
     device = logits.device
@@ -339,7 +351,7 @@ def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, tempera
     safe_labels = torch.where(valid, labels, 0)
     coef, a, b, s_bar = _row_coefficients(cstats, grad_cos)
     coef = torch.where(valid[:, None], coef, torch.zeros((), device=device))
-    dlogits = torch.empty_like(logits) if need_logits_grad else None
+    dlogits = (logits if inplace else torch.empty_like(logits)) if need_logits_grad else None
     dtable = torch.zeros(vocab, embedding.shape[1], device=device, dtype=torch.float32) if want_demb else None
     for start, end in _dense_blocks(n, vocab):
         rows = slice(start, end)

@@ -16,7 +16,9 @@ each embedding row once; ``backward_rows_kernel`` then writes the logits gradien
 entries of S by the sparse loop (dense and cosine parts together, one rounding), every
 other entry by the dense loop. Membership is the elementwise test
 ``z > t or (z == t and v <= tie_cut)`` saved by the forward, so each element is written
-exactly once and the row is read once (plus K gathered values).
+exactly once and the row is read once (plus K gathered values). The dense loop runs first
+and the sparse loop takes S's values from the saved ``s_val``, so the gradient can be
+written over the logits themselves (``inplace``).
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def direction_kernel(
 @triton.jit
 def backward_rows_kernel(
     logits_ptr, stride_row, labels_ptr, grad_ce_ptr, grad_cos_ptr,
-    stats_ptr, tie_ptr, s_idx_ptr, s_val_ptr, s_dot_ptr, coef_ptr, dlogits_ptr,
+    stats_ptr, tie_ptr, s_idx_ptr, s_val_ptr, s_dot_ptr, coef_ptr, dlogits_ptr, out_stride,
     N, V, K, ignore_index, temperature,
     WITH_COS: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
 ):
@@ -82,22 +84,38 @@ def backward_rows_kernel(
     y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
     valid = row_in & (y != ignore_index)
     in_rows = logits_ptr + rows64 * stride_row
-    out_rows = dlogits_ptr + rows64 * V
+    out_rows = dlogits_ptr + rows64 * out_stride
     g_ce = tl.load(grad_ce_ptr + rows64, mask=valid, other=0.0)  # ignored rows: zero gradient
     lse = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
     exclude = tl.zeros([BR], tl.int1)
     t_val = tl.zeros([BR], tl.float32)
     tie_cut = tl.zeros([BR], tl.int32) - 1
+    active = tl.zeros([BR], tl.int1)
     if WITH_COS:
         active = valid & (lse == lse)  # a row with NaN is written whole by the dense loop (NaN)
+        t_val = tl.load(stats_ptr + rows64 * 4 + 3, mask=active, other=0.0)
+        tie_cut = tl.load(tie_ptr + rows64, mask=active, other=-1)
+        exclude = active
+    # The dense loop first, the K entries of S after it: the gradient may be written over the
+    # logits themselves (in place), and only the dense loop reads them (the sparse loop takes
+    # S's values from s_val).
+    lanes = tl.arange(0, BV)
+    for start in range(0, V, BV):
+        offs = start + lanes
+        inside = (offs < V)[None, :]
+        z = tl.load(in_rows[:, None] + offs[None, :], mask=valid[:, None] & inside, other=0.0).to(tl.float32)
+        tie_taken = (z == t_val[:, None]) & (offs[None, :] <= tie_cut[:, None])
+        member = exclude[:, None] & ((z > t_val[:, None]) | tie_taken)
+        dz = g_ce[:, None] * (tl.exp(z - lse[:, None]) - tl.where(offs[None, :] == y[:, None], 1.0, 0.0))
+        tl.store(out_rows[:, None] + offs[None, :], dz.to(DT), mask=row_in[:, None] & inside & ~member)
+    if WITH_COS:
+        # every thread of the program has read the row before any S entry is written over it
+        tl.debug_barrier()
         if tl.max(active.to(tl.int32), 0) > 0:
             g_cos = tl.load(grad_cos_ptr + rows64, mask=active, other=0.0)
             s_bar = tl.load(coef_ptr + rows64 * 4 + 3, mask=active, other=0.0)
             z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=active, other=0.0)
             z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=active, other=1.0)
-            t_val = tl.load(stats_ptr + rows64 * 4 + 3, mask=active, other=0.0)
-            tie_cut = tl.load(tie_ptr + rows64, mask=active, other=-1)
-            exclude = active
             scale = g_cos / temperature
             with_s = active & (g_cos != 0.0)  # rows whose s the vocabulary pass computed
             for k0 in range(0, K, BK):
@@ -111,12 +129,3 @@ def backward_rows_kernel(
                 dz = g_ce[:, None] * (tl.exp(z - lse[:, None]) - tl.where(vocab == y[:, None], 1.0, 0.0))
                 dz += tl.where(with_s[:, None], scale[:, None] * w * (s - s_bar[:, None]), 0.0)
                 tl.store(out_rows[:, None] + vocab, dz.to(DT), mask=in_s)
-    lanes = tl.arange(0, BV)
-    for start in range(0, V, BV):
-        offs = start + lanes
-        inside = (offs < V)[None, :]
-        z = tl.load(in_rows[:, None] + offs[None, :], mask=valid[:, None] & inside, other=0.0).to(tl.float32)
-        tie_taken = (z == t_val[:, None]) & (offs[None, :] <= tie_cut[:, None])
-        member = exclude[:, None] & ((z > t_val[:, None]) | tie_taken)
-        dz = g_ce[:, None] * (tl.exp(z - lse[:, None]) - tl.where(offs[None, :] == y[:, None], 1.0, 0.0))
-        tl.store(out_rows[:, None] + offs[None, :], dz.to(DT), mask=row_in[:, None] & inside & ~member)
