@@ -107,7 +107,9 @@ def header_text(result: dict) -> list[str]:
         lines.append(f"memory not measured: {meta['cpu_peak_memory_unavailable']}")
     if meta.get("load_before") is not None:
         cores = machine.get("cpu_affinity") or machine.get("cpu_count") or 1
-        busy = max(meta["load_before"], meta["load_after"]) > 0.5 * cores
+        # the load after the run is mostly the benchmark's own: only the load before it says
+        # that something else was running
+        busy = meta["load_before"] > 0.5 * cores
         lines.append(("WARNING: the machine was busy, timings are unreliable: " if busy else "")
                      + f"load average before/after {meta['load_before']:.2f} / {meta['load_after']:.2f} "
                        f"on {cores} cores")

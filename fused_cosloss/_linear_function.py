@@ -55,7 +55,8 @@ class LinearMixedLoss(torch.autograd.Function):
         d_hidden = torch.empty_like(hidden) if need_hidden else None
         d_weight = _accumulator(weight) if need_weight else None
         d_bias = _accumulator(bias) if need_bias else None
-        d_embedding = _accumulator(embedding) if need_embedding else None
+        # without the cosine term the loss does not depend on an untied embedding: no gradient, as in mixed_loss
+        d_embedding = _accumulator(embedding) if need_embedding and with_cos else None
         d_table = (d_weight if tied else d_embedding) if need_table else None
         buffer = _logits_buffer(hidden, weight, min(chunk, n))
         for start, end in _chunks(n, chunk):
@@ -155,7 +156,7 @@ class LinearMixedRows(torch.autograd.Function):
         d_hidden = torch.empty_like(hidden) if need_hidden else None
         d_weight = _accumulator(weight) if need_weight else None
         d_bias = _accumulator(bias) if need_bias else None
-        d_embedding = _accumulator(embedding) if need_embedding else None
+        d_embedding = _accumulator(embedding) if need_embedding and with_cos else None
         d_table = d_weight if tied else d_embedding
         buffer = _logits_buffer(hidden, weight, min(chunk, hidden.shape[0]))
         for (start, end), saved in zip(_chunks(hidden.shape[0], chunk), _unflatten(flat, ctx.chunk_sizes)):

@@ -173,6 +173,19 @@ def test_parts_of_a_reduced_loss_refuse_a_gradient(gen):
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_alpha_zero_leaves_an_untied_embedding_without_gradient(backend, gen, reduction):
+    """As mixed_loss: without the cosine term the loss does not depend on the embedding."""
+    name, device = backend
+    hidden, weight, labels, embedding, _ = make_linear_inputs(gen, 8, device=device, tied=False)
+    for t in (hidden, weight, embedding):
+        t.requires_grad_()
+    linear_mixed_loss(hidden, weight, labels, embedding=embedding, alpha=0.0, topk=TOPK, backend=name,
+                      reduction=reduction, chunk_size=3).sum().backward()
+    assert embedding.grad is None
+    assert hidden.grad is not None and weight.grad is not None
+
+
 def test_every_position_ignored(backend, gen):
     name, device = backend
     hidden, weight, labels, _, bias_t = make_linear_inputs(gen, 9, device=device, bias=True)

@@ -120,8 +120,8 @@ def _backward(with_cos: bool):
     tiles = _bench_tiles()
     types = dict(logits_ptr="*bf16", stride_row="i32", labels_ptr="*i64", grad_ce_ptr="*fp32", grad_cos_ptr="*fp32",
                  stats_ptr="*fp32", tie_ptr="*i32", s_idx_ptr="*i32", s_val_ptr="*bf16", s_dot_ptr="*fp32",
-                 coef_ptr="*fp32", dlogits_ptr="*bf16", N="i32", V="i32", K="i32", ignore_index="i32",
-                 temperature="fp32")
+                 coef_ptr="*fp32", dlogits_ptr="*bf16", out_stride="i32", N="i32", V="i32", K="i32",
+                 ignore_index="i32", temperature="fp32")
     constexprs = dict(WITH_COS=with_cos, BR=1, BV=ops._row_block(VOCAB), BK=tiles["BK_BWD"])
     return _source(backward.backward_rows_kernel, types, constexprs), tiles["NW_BWD"]
 
