@@ -74,11 +74,11 @@ class Impl:
 
 # --------------------------------------------------------------------------- the package's own
 
-def _package(backend: str, group: str) -> Callable[[Config], Callable[[dict], torch.Tensor]]:
+def _package(backend: str, group: str, inplace_grad: bool = False) -> Callable[[Config], Callable[[dict], torch.Tensor]]:
     def build(cfg: Config):
         alpha = cfg.alpha if group == "mixed" else 0.0
         loss = functools.partial(mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
-                                 ignore_index=IGNORE_INDEX, backend=backend)
+                                 ignore_index=IGNORE_INDEX, backend=backend, inplace_grad=inplace_grad)
         return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
     return build
 
@@ -235,8 +235,14 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
          _build_compiled, unavailable=_compile_unavailable),
     Impl("native", "mixed", "fused_cosloss backend='native' (C++ CPU kernel)",
          _package("native", "mixed"), unavailable=_backend_unavailable("native")),
+    Impl("native-inplace", "mixed", "fused_cosloss backend='native', inplace_grad=True (gradient over the logits)",
+         _package("native", "mixed", inplace_grad=True), unavailable=_backend_unavailable("native"),
+         mutates_logits=True),
     Impl("triton", "mixed", "fused_cosloss backend='triton' (CUDA kernel)",
          _package("triton", "mixed"), unavailable=_backend_unavailable("triton")),
+    Impl("triton-inplace", "mixed", "fused_cosloss backend='triton', inplace_grad=True (gradient over the logits)",
+         _package("triton", "mixed", inplace_grad=True), unavailable=_backend_unavailable("triton"),
+         mutates_logits=True),
     Impl("liger+embbag", "mixed", "Liger-Kernel CE + top-k/softmax/F.embedding_bag cosine (Liger overwrites the logits)",
          _build_liger_mixed, unavailable=_needs(LIGER_CE, "liger-kernel"), mutates_logits=True),
     # the fused-linear mode and the logits path it replaces: hidden states in, the [N,H]x[H,V] matmul included

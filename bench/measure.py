@@ -8,13 +8,15 @@ Peak memory beyond the inputs: on CUDA, ``torch.cuda.max_memory_allocated`` afte
 ``reset_peak_memory_stats``, minus what was allocated before the call. On CPU, the
 process's resident-set high-water mark (``VmHWM`` in /proc/self/status, reset by writing
 5 to /proc/self/clear_refs) minus the resident set before the call, after ``malloc_trim``
-has handed freed memory back so that every page the call needs is counted.
+(and the native kernel's buffer cache) has handed freed memory back so that every page the
+call needs is counted.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -93,6 +95,14 @@ def _malloc_trim() -> None:
         pass
 
 
+def _release_package_caches() -> None:
+    """The native kernel keeps freed gradient buffers for reuse: free them, so that the peak
+    counts the call's gradients as fresh memory (as a first call would need)."""
+    native = sys.modules.get("fused_cosloss.native")
+    if native is not None:
+        native.empty_cache()
+
+
 def cpu_peak_supported() -> str | None:
     """None when the RSS high-water mark can be reset here, else why not."""
     try:
@@ -116,6 +126,7 @@ def peak_bytes(device: str, prepare: Callable[[], None], run: Callable[[], objec
         result = run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base, result
+    _release_package_caches()
     _malloc_trim()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "mixed_loss_cpu.h"
+#include "output_pool.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -618,7 +619,7 @@ std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& lab
     if (inplace_logits_grad) {
       dz = logits;
     } else {
-      dz = at::empty({s.n, s.vocab}, logits.options());
+      dz = pooled_empty({s.n, s.vocab}, logits.options());
       advise_huge_pages(dz.data_ptr(), dz.nbytes());
     }
     if (logits.scalar_type() == at::kBFloat16)
@@ -634,7 +635,7 @@ std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& lab
                       dE.size(1) == s.hidden,
                   "fused_cosloss native: embedding_grad_out must be a contiguous float32 [V, H]");
     } else {
-      dE = at::empty({s.vocab, s.hidden}, emb.options());
+      dE = pooled_empty({s.vocab, s.hidden}, emb.options());
       advise_huge_pages(dE.data_ptr(), dE.nbytes());
     }
     if (accumulate || emb.scalar_type() != at::kBFloat16)
@@ -675,4 +676,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &fcl::backward, "gradients of logits and embedding");
   m.def("capability", &fcl::capability, "the instruction set this build was compiled for");
   m.def("threads_seen", &fcl::threads_seen, "how many threads at::parallel_for uses here (diagnostic)");
+  m.def("release_cached_buffers", &fcl::release_cached_buffers, "free the cached gradient buffers; bytes freed");
+  m.def("cached_bytes", &fcl::cached_bytes, "bytes of gradient buffers cached for reuse");
 }

@@ -16,7 +16,13 @@ loaded on a CPU that torch says supports its instruction set (no ``-march=native
 If the build fails, ``unavailable_reason`` returns the compiler's message, so that
 ``backend="native"`` raises it and ``backend="auto"`` warns once and uses the reference.
 Other knobs: ``FUSED_COSLOSS_CSRC`` (a different source directory),
-``FUSED_COSLOSS_DISABLE_NATIVE=1`` (report the backend unavailable).
+``FUSED_COSLOSS_DISABLE_NATIVE=1`` (report the backend unavailable),
+``FUSED_COSLOSS_NATIVE_POOL_MB`` (the gradient-buffer cache below; 0 turns it off).
+
+Gradient buffers of 4 MiB or more come from a small cache (``csrc/output_pool.h``): a
+gradient autograd frees is kept, up to 1 GiB by default, and handed out again for the
+next request of the same size, so the next step does not fault its pages in again (which
+costs more than computing the gradient on CPU). :func:`empty_cache` frees it.
 
 The protocol (see ``_kernel_function.py``): ``unavailable_reason``, ``forward_rows``,
 ``backward_rows``. The saved state is ``(stats, idx, w, c, g2)``: per row the
@@ -190,6 +196,19 @@ def extension():
 
 
 # ----------------------------------------------------------------------------- protocol
+
+
+def empty_cache() -> int:
+    """Free the gradient buffers the native kernel keeps for reuse; returns the bytes freed
+    (0 when the extension was never loaded)."""
+    module = _state.get("module")
+    return int(module.release_cached_buffers()) if module is not None else 0
+
+
+def cached_bytes() -> int:
+    """Bytes of gradient buffers the native kernel keeps for reuse."""
+    module = _state.get("module")
+    return int(module.cached_bytes()) if module is not None else 0
 
 
 def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | None:

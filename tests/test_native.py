@@ -300,3 +300,49 @@ def test_lower_instruction_set_builds_agree(native, isa, tmp_path, monkeypatch, 
     finally:
         monkeypatch.undo()
         native._reset()
+
+
+# ---- the gradient-buffer cache (csrc/output_pool.h) ----------------------------------------------
+
+def _gradients(logits, labels, embedding):
+    z = logits.detach().clone().requires_grad_()
+    e = embedding.detach().clone().requires_grad_()
+    mixed_loss(z, labels, e, topk=8, backend="native").backward()
+    return z.grad, e.grad
+
+
+def test_freed_gradients_are_reused_and_live_ones_never(native, gen):
+    """Gradients of 4 MiB or more: a freed one's buffer serves the next call of its size, a
+    live one's never does, and the values are those of a fresh computation."""
+    native.empty_cache()
+    logits, labels, embedding = make_inputs(gen, 64, 20000, 64)  # dlogits 5.1 MB, dE 5.1 MB
+    first, first_e = _gradients(logits, labels, embedding)
+    kept, kept_ptrs = first.clone(), {first.data_ptr(), first_e.data_ptr()}
+    second, second_e = _gradients(logits, labels, embedding)  # the first ones are alive: new buffers
+    assert not {second.data_ptr(), second_e.data_ptr()} & kept_ptrs
+    assert torch.equal(first, kept) and torch.equal(second, kept)
+    del first, first_e
+    assert native.cached_bytes() >= 2 * 64 * 20000 * 4
+    third, third_e = _gradients(logits, labels.flip(0), embedding)  # other labels, reused buffers
+    assert {third.data_ptr(), third_e.data_ptr()} == kept_ptrs
+    expected = run("reference", logits, labels.flip(0), embedding, weights=(1.0, 0.0, 0.0), topk=8)
+    assert_close_rel(third, expected["dlogits"], tolerance(torch.float32), "dlogits")
+    assert_close_rel(third_e, expected["dembedding"], tolerance(torch.float32), "dembedding")
+    del second, second_e, third, third_e
+    assert native.empty_cache() >= 4 * 64 * 20000 * 4 and native.cached_bytes() == 0
+
+
+def test_cache_off_with_zero_megabytes(native, gen):
+    """FUSED_COSLOSS_NATIVE_POOL_MB=0 (read at load): nothing is kept."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from fused_cosloss import mixed_loss, native\n"
+            "z = torch.randn(64, 20000, requires_grad=True); e = torch.randn(20000, 64, requires_grad=True)\n"
+            "mixed_loss(z, torch.randint(0, 20000, (64,)), e, topk=8, backend='native').backward()\n"
+            "z.grad = e.grad = None\n"
+            "print(native.cached_bytes())\n")
+    env = dict(os.environ, FUSED_COSLOSS_NATIVE_POOL_MB="0")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0"
