@@ -164,7 +164,33 @@ def _build():
         verbose=os.environ.get("FUSED_COSLOSS_VERBOSE_BUILD", "") not in ("", "0"),
     )
     done.write_text(f"{name}\n{chosen}\n{' '.join(cflags)}\n")
+    _prune_old_builds(build_dir.parent)
     return module
+
+
+KEEP_BUILDS = 8
+PRUNE_AFTER_S = 7 * 24 * 3600
+
+
+def _prune_old_builds(root: Path) -> None:
+    """After a new build: remove finished builds beyond the KEEP_BUILDS newest that were last
+    built a week ago or more (each source edit or torch upgrade makes a new one). Builds in
+    progress (no BUILD_OK yet) are never touched; a removed build still loaded elsewhere keeps
+    working, and is rebuilt if asked for again."""
+    import time
+
+    finished = []
+    for path in root.glob("native-*"):
+        marker = path / "BUILD_OK"
+        try:
+            finished.append((marker.stat().st_mtime, path))
+        except OSError:
+            continue
+    finished.sort(reverse=True)
+    now = time.time()
+    for mtime, path in finished[KEEP_BUILDS:]:
+        if now - mtime >= PRUNE_AFTER_S:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _load():

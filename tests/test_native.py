@@ -346,3 +346,24 @@ def test_cache_off_with_zero_megabytes(native, gen):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_old_builds_are_pruned_but_recent_and_unfinished_ones_kept(tmp_path):
+    """Beyond the KEEP_BUILDS newest finished builds, those a week old or more are removed;
+    newer ones and builds still in progress (no BUILD_OK) stay."""
+    import time
+
+    from fused_cosloss import native
+
+    now = time.time()
+    ages_days = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 3.5]  # 12 finished builds
+    for i, age in enumerate(ages_days):
+        build = tmp_path / f"native-avx2-{i:02d}"
+        build.mkdir()
+        (build / "BUILD_OK").write_text("x")
+        os.utime(build / "BUILD_OK", (now - age * 86400, now - age * 86400))
+    (tmp_path / "native-avx2-inprogress").mkdir()
+    native._prune_old_builds(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # the 8 newest are ages 0..6 and 3.5; of the rest (7, 8, 10, 12 days) all are a week old or more
+    assert left == sorted([f"native-avx2-{i:02d}" for i in (0, 1, 2, 3, 4, 5, 6, 11)] + ["native-avx2-inprogress"])

@@ -240,8 +240,10 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
         contributes = (labels != ignore_index) & (grad_cos != 0)
         keys_s = torch.where(contributes[:, None], 2 * s_idx, 2 * vocab).reshape(-1)
         keys_t = torch.where(contributes & want_demb, 2 * labels + 1, 2 * vocab).to(torch.int32)
+        keys = torch.cat([keys_s, keys_t])
+        del keys_s, keys_t, contributes  # not held through the sort
         s_dot = torch.empty(n, k, device=device, dtype=torch.float32) if need_logits_grad else _empty(device)
-        demb = _vocabulary_pass(torch.cat([keys_s, keys_t]), n * k, k, embedding, s_dot, s_val, stats, coef, g, mu,
+        demb = _vocabulary_pass(keys, n * k, k, embedding, s_dot, s_val, stats, coef, g, mu,
                                 temperature, need_logits_grad, want_demb, base=embedding_grad_out,
                                 out=embedding_grad_out)
         if embedding_grad_out is not None:
