@@ -356,7 +356,7 @@ labels[0, 4:] = -100
 labels[2, 8:] = -100
 data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
 evaluation = pad_for_distributed_eval(data.select(range(3)), 2, args.world_size)
-loss_fn = MixedLossForTrainer(model, alpha=0.5, topk=8, backend="reference")
+loss_fn = MixedLossForTrainer(model, alpha=0.5, topk=8, backend="reference", fused_linear=sys.argv[3] == "fused")
 optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
 trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=evaluation,
     data_collator=transformers.default_data_collator,
@@ -381,10 +381,10 @@ LAUNCHERS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", list(LAUNCHERS))
-def test_trainer_ddp_two_processes_equal_one_batch(hf, tmp_path, launcher):
+@pytest.mark.parametrize("launcher, mode", [("torchrun", "logits"), ("accelerate", "logits"), ("torchrun", "fused")])
+def test_trainer_ddp_two_processes_equal_one_batch(hf, tmp_path, launcher, mode):
     """torchrun / accelerate launch with 2 CPU processes (gloo): one step equals one process with the whole batch;
-    exact eval sums."""
+    exact eval sums. "fused": the fused-linear mode (the LM head passes hidden states on) under DDP too."""
     import subprocess
     import sys
 
@@ -406,8 +406,8 @@ def test_trainer_ddp_two_processes_equal_one_batch(hf, tmp_path, launcher):
         assert process.returncode == 0 and lines, stdout[-2000:] + stderr[-4000:]
         return json.loads(lines[0][len("RESULT "):])
 
-    one = run([sys.executable, str(script), "4", str(tmp_path / "one")])
-    two = run([sys.executable, *LAUNCHERS[launcher], str(script), "2", str(tmp_path / "two")])
+    one = run([sys.executable, str(script), "4", str(tmp_path / "one"), mode])
+    two = run([sys.executable, *LAUNCHERS[launcher], str(script), "2", str(tmp_path / "two"), mode])
     assert one["world"] == 1 and two["world"] == 2
     torch.testing.assert_close(torch.tensor(two["params"]), torch.tensor(one["params"]), rtol=1e-5, atol=1e-6)
     assert two["tokens"] == one["tokens"] == 3 + 11 + 7 and two["ce"] == pytest.approx(one["ce"], rel=1e-5)
