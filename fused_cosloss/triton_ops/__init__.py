@@ -46,6 +46,16 @@ DENSE_BLOCK_ELEMENTS = 1 << 22
 PROGRAMS_PER_SM = 2
 # Warps per program of each kernel.
 NUM_WARPS = dict(NW_ROW=8, NW_COS=4, NW_BWD=8)
+# Register cap of the row kernel's dense mode (k > SPARSE_MAX_K): left to ptxas it stays near
+# 80 registers on sm_80 and spills (triton 3.9); the dense path is the slow path, so it may
+# take the registers it needs at one program per SM.
+DENSE_ROW_MAXNREG = 255
+
+
+def row_kernel_maxnreg(mode: int):
+    """The ``maxnreg`` launch option of the row kernel in this mode (None: ptxas decides)."""
+    return DENSE_ROW_MAXNREG if mode == 2 else None
+
 
 def _interpreted() -> bool:
     """Whether this module's kernels were built for the triton interpreter."""
@@ -123,9 +133,23 @@ def _scratch_block(capacity: int) -> int:
 
 
 def _row_block(vocab: int) -> int:
-    """Lanes of the row kernels' blocks. The selection's lane bound needs at least k lanes:
-    forward_rows widens the block for k > 2048 (never with the default SPARSE_MAX_K)."""
+    """Lanes of the row kernels' blocks (see row_kernel_lanes for the forward's sparse mode)."""
     return min(2048, max(16, _next_pow2(vocab)))
+
+
+# Lanes of the forward row kernel in its sparse mode. At 2048 lanes the kernel wants more than
+# the 128 registers ptxas gives a 256-thread program (8 warps) and spills with triton 3.6
+# (40-72 bytes); at 1024 it takes 113-128 registers there and 76-78 with triton 3.9, no spill
+# (tests/test_triton_compile.py). The lane bound then comes from 1024 lane maxima: about
+# -1024 ln(1 - 256/1024) = 295 candidates at K = 256 instead of 273.
+SPARSE_ROW_LANES = 1024
+
+
+def row_kernel_lanes(vocab: int, k: int, mode: int) -> int:
+    """BV of the forward row kernel: the selection's lane bound needs at least k lanes."""
+    if mode == 1:
+        return max(min(SPARSE_ROW_LANES, _row_block(vocab)), _next_pow2(k))
+    return _row_block(vocab)
 
 
 def _hidden_block(hidden: int, cap: int) -> int:
@@ -163,8 +187,8 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
     row_stats_kernel[(programs,)](
         logits, logits.stride(0), labels, n, vocab, k, capacity, ignore_index, float(temperature),
         ce, correct, stats, tie, s_idx, s_val, scratch_idx, scratch_val,
-        MODE=mode, KEY16=key16, NPASS=npass, BR=rows, BV=max(_row_block(vocab), _next_pow2(k) if sparse else 16),
-        BC=_scratch_block(capacity), num_warps=tiles["NW_ROW"],
+        MODE=mode, KEY16=key16, NPASS=npass, BR=rows, BV=row_kernel_lanes(vocab, k, mode),
+        BC=_scratch_block(capacity), num_warps=tiles["NW_ROW"], maxnreg=row_kernel_maxnreg(mode),
     )
     del scratch_idx, scratch_val
     if mode == 0:
