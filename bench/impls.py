@@ -74,11 +74,15 @@ class Impl:
 
 # --------------------------------------------------------------------------- the package's own
 
+def _loss_options(cfg: Config, group: str, backend: str, **extra) -> dict:
+    """The package's keyword arguments for this configuration (alpha 0 in the ce group)."""
+    return dict(alpha=cfg.alpha if group == "mixed" else 0.0, temperature=cfg.temperature, topk=cfg.topk,
+                ignore_index=IGNORE_INDEX, backend=backend, **extra)
+
+
 def _package(backend: str, group: str, inplace_grad: bool = False) -> Callable[[Config], Callable[[dict], torch.Tensor]]:
     def build(cfg: Config):
-        alpha = cfg.alpha if group == "mixed" else 0.0
-        loss = functools.partial(mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
-                                 ignore_index=IGNORE_INDEX, backend=backend, inplace_grad=inplace_grad)
+        loss = functools.partial(mixed_loss, **_loss_options(cfg, group, backend, inplace_grad=inplace_grad))
         return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
     return build
 
@@ -86,9 +90,7 @@ def _package(backend: str, group: str, inplace_grad: bool = False) -> Callable[[
 def _linear(backend: str, group: str) -> Callable[[Config], Callable[[dict], torch.Tensor]]:
     """linear_mixed_loss from hidden states with the embedding as the (tied) LM head weight."""
     def build(cfg: Config):
-        alpha = cfg.alpha if group == "mixed" else 0.0
-        loss = functools.partial(linear_mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
-                                 ignore_index=IGNORE_INDEX, backend=backend)
+        loss = functools.partial(linear_mixed_loss, **_loss_options(cfg, group, backend))
         return lambda inp: loss(inp["hidden"], inp["embedding"], inp["labels"])
     return build
 
@@ -96,9 +98,7 @@ def _linear(backend: str, group: str) -> Callable[[Config], Callable[[dict], tor
 def _matmul_then(backend: str, group: str) -> Callable[[Config], Callable[[dict], torch.Tensor]]:
     """The logits path the fused-linear mode replaces: hidden @ E.T, then mixed_loss on the logits."""
     def build(cfg: Config):
-        alpha = cfg.alpha if group == "mixed" else 0.0
-        loss = functools.partial(mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
-                                 ignore_index=IGNORE_INDEX, backend=backend)
+        loss = functools.partial(mixed_loss, **_loss_options(cfg, group, backend))
         return lambda inp: loss(inp["hidden"] @ inp["embedding"].T, inp["labels"], inp["embedding"])
     return build
 
