@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import traceback
 
 import pytest
 import torch
@@ -70,9 +72,13 @@ def _grads(model):
 
 
 def _worker(rank, port, backends, path):
+    """Both ranks compute, rank 0 saves; then the process ends with os._exit, skipping the
+    teardown of DDP and gloo: torch 2.13 can deadlock there (the last reference to the gloo
+    process group, dropped with the GIL held, joins a gloo thread that waits for the GIL to
+    release a finished collective)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
         results = {}
         for backend in backends:
             for scenario, (tokens, labels) in _batches().items():
@@ -82,14 +88,33 @@ def _worker(rank, port, backends, path):
                 results[backend, scenario] = (loss.detach(), _grads(model.module))
         if rank == 0:
             torch.save(results, path)
-    finally:
-        dist.destroy_process_group()
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _spawn_with_deadline(worker, args, seconds):
+    """mp.spawn of WORLD processes, failing (and killing them) after ``seconds`` instead of hanging."""
+    import time
+
+    context = mp.spawn(worker, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the DDP workers did not finish within {seconds} s")
 
 
 def _single_process(tokens, labels, backend):
@@ -104,7 +129,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     probe = torch.empty(1, 1)
     backends = [name for name in ("reference", "native") if why_unavailable(name, probe, probe) is None]
     path = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(_free_port(), backends, path), nprocs=WORLD, join=True)
+    _spawn_with_deadline(_worker, (_free_port(), backends, path), seconds=300)
     results = torch.load(path)
 
     for backend in backends:

@@ -367,9 +367,13 @@ if int(os.environ.get("RANK", "0")) == 0:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     print("RESULT " + json.dumps({"params": flat.tolist(), "tokens": metrics["eval_tokens"],
                                   "ce": metrics["eval_ce_loss"], "world": args.world_size}))
-if torch.distributed.is_initialized():  # a clean teardown: gloo left to interpreter exit can abort a worker
+if torch.distributed.is_initialized():
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+# no teardown: gloo left to interpreter exit can abort a worker, and destroying it with DDP's
+# reducer alive can deadlock (torch 2.13: the process group's last reference, dropped with the
+# GIL held, joins a gloo thread that waits for the GIL)
+sys.stdout.flush()
+os._exit(0)
 '''
 
 
