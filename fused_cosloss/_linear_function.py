@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from .functional import loss_rows
+
 
 class LinearMixedLoss(torch.autograd.Function):
     """(loss, ce, cos, correct) from hidden states with the loss's gradients computed in the forward.
@@ -45,45 +47,27 @@ class LinearMixedLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         table = weight if embedding is None else embedding
         n = hidden.shape[0]
-        need_hidden, need_weight, need_bias, need_embedding = ctx.needs_input_grad[:4]
-        tied = embedding is None
-        need_table = (need_weight if tied else need_embedding) and with_cos
-        need_logits = need_hidden or need_weight or need_bias
+        grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], with_cos)
         ce, cos, correct = _row_outputs(hidden, n)
-        coef_ce, coef_cos, scale = _loss_coefficients(labels, ignore_index, alpha, reduction, ce.dtype)
-
-        d_hidden = torch.empty_like(hidden) if need_hidden else None
-        d_weight = _accumulator(weight) if need_weight else None
-        d_bias = _accumulator(bias) if need_bias else None
-        # without the cosine term the loss does not depend on an untied embedding: no gradient, as in mixed_loss
-        d_embedding = _accumulator(embedding) if need_embedding and with_cos else None
-        d_table = (d_weight if tied else d_embedding) if need_table else None
+        valid = labels != ignore_index
+        coef_ce, coef_cos, scale = _loss_coefficients(valid, alpha, reduction, ce.dtype)
         buffer = _logits_buffer(hidden, weight, min(chunk, n))
         for start, end in _chunks(n, chunk):
             h, rows = hidden[start:end], slice(start, end)
             z = _chunk_logits(h, weight, bias, buffer)
             ce[rows], cos[rows], correct[rows], saved = ops.forward_rows(
                 z, labels[rows], table, temperature, k, ignore_index, with_cos)
-            if not (need_logits or need_table):
+            if not (grads.need_logits or grads.need_table):
                 continue
             # the chunk's gradient over its logits, the embedding's added to its accumulator
             dz, dtab = ops.backward_rows(
                 z, labels[rows], table, saved, coef_ce[rows], coef_cos[rows], temperature, k, ignore_index,
-                with_cos, need_logits, need_table, inplace=True, embedding_grad_out=_float32_or_none(d_table))
-            if dtab is not None:  # a float64 accumulator: added here
-                d_table += dtab
-            if need_hidden:
-                torch.mm(dz, weight, out=d_hidden[rows])
-            if need_weight:
-                _accumulate_mm(d_weight, dz.t(), h)
-            if need_bias:
-                d_bias += dz.sum(dim=0, dtype=d_bias.dtype)
-        valid = labels != ignore_index
-        loss_rows = alpha * torch.where(valid, 1.0 - cos, torch.zeros_like(cos)) + (1.0 - alpha) * ce
-        loss = loss_rows.sum() * scale
+                with_cos, grads.need_logits, grads.need_table, inplace=True,
+                embedding_grad_out=grads.float32_table())
+            grads.add_chunk(dz, dtab, h, weight, rows)
+        loss = loss_rows(ce, cos, valid, alpha)[1].sum() * scale
         ctx.mark_non_differentiable(correct)
-        ctx.gradients = (d_hidden, d_weight, d_bias, d_embedding)
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias, embedding))
+        ctx.gradients = grads
         return loss, ce, cos, correct
 
     @staticmethod
@@ -93,30 +77,23 @@ class LinearMixedLoss(torch.autograd.Function):
                 "linear_mixed_loss: with reduction='mean' or 'sum' the gradient is computed in the forward for the "
                 "loss only, so its .ce and .cos parts cannot be differentiated; use reduction='none' (and reduce "
                 "the per-position values yourself) to differentiate the parts")
-        gradients, ctx.gradients = ctx.gradients, None
+        grads, ctx.gradients = ctx.gradients, None
         if grad_loss is None:
             return (None,) * 13
-        scaled = tuple(None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(gradients, ctx.dtypes))
-        return (*scaled, None, None, None, None, None, None, None, None, None)
+        return (*grads.in_input_dtypes(grad_loss), None, None, None, None, None, None, None, None, None)
 
 
-def _loss_coefficients(labels, ignore_index, alpha, reduction, dtype):
+def _loss_coefficients(valid, alpha, reduction, dtype):
     """Per-position d loss / d ce_n and d loss / d cos_n, and the reduction's scale (1 / N_valid for
     the mean, a tensor: no device sync)."""
-    valid = labels != ignore_index
     if reduction == "mean":
         scale = 1.0 / valid.sum().clamp_min(1).to(dtype)
     else:
-        scale = torch.ones((), device=labels.device, dtype=dtype)
-    zero = torch.zeros((), device=labels.device, dtype=dtype)
+        scale = torch.ones((), device=valid.device, dtype=dtype)
+    zero = torch.zeros((), device=valid.device, dtype=dtype)
     coef_ce = torch.where(valid, (1.0 - alpha) * scale, zero)
     coef_cos = torch.where(valid, -alpha * scale, zero)
     return coef_ce, coef_cos, scale
-
-
-def _float32_or_none(accumulator):
-    """The embedding accumulator where a backend can add into it (float32), else None."""
-    return accumulator if accumulator is not None and accumulator.dtype == torch.float32 else None
 
 
 class LinearMixedRows(torch.autograd.Function):
@@ -146,35 +123,59 @@ class LinearMixedRows(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_cos, _grad_correct):
         hidden, weight, bias, embedding, labels, *flat = ctx.saved_tensors
         ops, temperature, k, ignore_index, with_cos, chunk = ctx.options
-        need_hidden, need_weight, need_bias, need_embedding = ctx.needs_input_grad[:4]
-        tied = embedding is None
-        table = weight if tied else embedding
-        need_table = need_weight if tied else need_embedding
-        need_logits = need_hidden or need_weight or need_bias
+        table = weight if embedding is None else embedding
+        grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], with_cos)
         grad_ce, grad_cos = grad_ce.contiguous(), grad_cos.contiguous()
-
-        d_hidden = torch.empty_like(hidden) if need_hidden else None
-        d_weight = _accumulator(weight) if need_weight else None
-        d_bias = _accumulator(bias) if need_bias else None
-        d_embedding = _accumulator(embedding) if need_embedding and with_cos else None
-        d_table = d_weight if tied else d_embedding
         buffer = _logits_buffer(hidden, weight, min(chunk, hidden.shape[0]))
         for (start, end), saved in zip(_chunks(hidden.shape[0], chunk), _unflatten(flat, ctx.chunk_sizes)):
-            h = hidden[start:end]
+            h, rows = hidden[start:end], slice(start, end)
             z = _chunk_logits(h, weight, bias, buffer)
             dz, dtab = ops.backward_rows(
-                z, labels[start:end], table, tuple(saved), grad_ce[start:end], grad_cos[start:end],
-                temperature, k, ignore_index, with_cos, need_logits, need_table)
-            if need_hidden:
-                torch.mm(dz, weight, out=d_hidden[start:end])
-            if need_weight:
-                _accumulate_mm(d_weight, dz.t(), h)
-            if need_bias:
-                d_bias += dz.sum(dim=0, dtype=d_bias.dtype)
-            if dtab is not None:
-                d_table += dtab
-        return (d_hidden, _cast(d_weight, weight), _cast(d_bias, bias), _cast(d_embedding, embedding),
-                None, None, None, None, None, None, None)
+                z, labels[rows], table, tuple(saved), grad_ce[rows], grad_cos[rows],
+                temperature, k, ignore_index, with_cos, grads.need_logits, grads.need_table)
+            grads.add_chunk(dz, dtab, h, weight, rows)
+        return (*grads.in_input_dtypes(), None, None, None, None, None, None, None)
+
+
+class _Gradients:
+    """The gradients of hidden, weight, bias and embedding, filled chunk by chunk from each
+    chunk's logits gradient: d hidden in hidden's dtype, the others in float32 (float64)
+    accumulators, in chunk order. Tied (``embedding is None``): the embedding's gradient
+    goes to weight's accumulator."""
+
+    def __init__(self, hidden, weight, bias, embedding, needs, with_cos):
+        need_hidden, need_weight, need_bias, need_embedding = needs
+        self.inputs = (hidden, weight, bias, embedding)
+        self.hidden = torch.empty_like(hidden) if need_hidden else None
+        self.weight = _accumulator(weight) if need_weight else None
+        self.bias = _accumulator(bias) if need_bias else None
+        # without the cosine term the loss does not depend on an untied embedding: no gradient, as in mixed_loss
+        self.embedding = _accumulator(embedding) if need_embedding and with_cos else None
+        self.table = self.weight if embedding is None else self.embedding
+        self.need_logits = need_hidden or need_weight or need_bias
+        self.need_table = with_cos and self.table is not None
+
+    def float32_table(self):
+        """The table's accumulator where a backend can add into it (float32), else None."""
+        return self.table if self.need_table and self.table.dtype == torch.float32 else None
+
+    def add_chunk(self, dz, dtable, h, weight, rows) -> None:
+        """The chunk's share: d hidden[rows] = dz @ weight, d weight += dz.T @ h, d bias += sum dz,
+        and the embedding gradient the backend returned (None when it added it itself)."""
+        if dtable is not None:
+            self.table += dtable
+        if self.hidden is not None:
+            torch.mm(dz, weight, out=self.hidden[rows])
+        if self.weight is not None:
+            _accumulate_mm(self.weight, dz.t(), h)
+        if self.bias is not None:
+            self.bias += dz.sum(dim=0, dtype=self.bias.dtype)
+
+    def in_input_dtypes(self, scale=None) -> tuple:
+        """(d hidden, d weight, d bias, d embedding) in the inputs' dtypes, times ``scale`` if given."""
+        grads = (self.hidden, self.weight, self.bias, self.embedding)
+        return tuple(None if g is None else (g if scale is None else g * scale).to(like.dtype)
+                     for g, like in zip(grads, self.inputs))
 
 
 def _chunks(n: int, chunk: int):
@@ -213,10 +214,6 @@ def _accumulate_mm(acc, a, b):
         acc.addmm_(a, b)
     else:
         acc += torch.mm(a, b)
-
-
-def _cast(acc, like):
-    return None if acc is None else acc.to(like.dtype)
 
 
 def _unflatten(flat, sizes):

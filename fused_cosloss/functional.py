@@ -89,11 +89,11 @@ def assemble(ce_rows, cos_rows, correct, labels, *, alpha, ignore_index, reducti
     argmax == label of the flattened ``labels`` (already shifted when ``shift``); ``loss``,
     when given, is the reduced loss already computed (with its own gradient)."""
     valid = labels.reshape(-1) != ignore_index
-    dist_rows = torch.where(valid, 1.0 - cos_rows, torch.zeros_like(cos_rows))
+    dist_rows, per_position = loss_rows(ce_rows, cos_rows, valid, alpha)
     n_valid = valid.sum()
     shape = labels.shape
     if loss is None:
-        loss = _reduce(alpha * dist_rows + (1.0 - alpha) * ce_rows, n_valid, reduction, shape, shift)
+        loss = _reduce(per_position, n_valid, reduction, shape, shift)
     if not return_parts:
         return loss
     return MixedLossOutput(
@@ -104,6 +104,12 @@ def assemble(ce_rows, cos_rows, correct, labels, *, alpha, ignore_index, reducti
         n_correct=(correct & valid).sum().detach(),
         cos_sim_sum=torch.where(valid, cos_rows, torch.zeros_like(cos_rows)).sum().detach(),
     )
+
+
+def loss_rows(ce_rows, cos_rows, valid, alpha):
+    """(1 - cos_n, alpha * (1 - cos_n) + (1 - alpha) * ce_n) per position, 0 distance where ignored."""
+    dist_rows = torch.where(valid, 1.0 - cos_rows, torch.zeros_like(cos_rows))
+    return dist_rows, alpha * dist_rows + (1.0 - alpha) * ce_rows
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -72,8 +72,7 @@ def run_both(hidden, weight, labels, embedding, bias, weights, backend, **option
     The objective weighs loss, ce and cos with ``weights`` for reduction="none"; for "mean" and
     "sum" (whose gradient the fused-linear mode computes in the forward, for the loss only) it
     is the weighted loss alone."""
-    if options.get("reduction", "mean") != "none":
-        weights = (weights[0], 0.0, 0.0)
+    parts_differentiable = options.get("reduction", "mean") == "none"
     results = []
     for fused in (True, False):
         leaves = [t.detach().clone().requires_grad_() if t is not None else None
@@ -86,16 +85,12 @@ def run_both(hidden, weight, labels, embedding, bias, weights, backend, **option
             explicit_options = {key: value for key, value in options.items() if key != "chunk_size"}
             out = mixed_loss(logits, labels, w if e is None else e, backend="reference", return_parts=True,
                              **explicit_options)
-        objective = sum((torch.as_tensor(c).to(p.dtype) * p).sum()
-                        for c, p in zip(weights, (out.loss, out.ce, out.cos)) if not _is_zero(c))
+        parts = (out.loss, out.ce, out.cos) if parts_differentiable else (out.loss,)
+        objective = sum((c.to(p.dtype) * p).sum() for c, p in zip(weights, parts))
         objective.backward()
         grads = {name: t.grad for name, t in zip(("hidden", "weight", "embedding", "bias"), leaves) if t is not None}
         results.append((out, grads))
     return results
-
-
-def _is_zero(weight) -> bool:
-    return not torch.is_tensor(weight) and weight == 0.0
 
 
 def assert_agree(fused, explicit, rel, reduction):
