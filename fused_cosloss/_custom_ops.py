@@ -12,7 +12,11 @@
 
 fake (meta) implementations from each backend's ``fake_forward_rows`` (shapes and dtypes
 only), and an autograd registration that calls ``rows_backward``. ``backend`` names the
-kernel module (``"native"`` or ``"triton"``), never ``"auto"``: it is resolved before.
+kernel module (``"native"`` or ``"triton"``), never ``"auto"``: it is resolved before; the
+traced call names it with the version of its saved state's layout (``"triton/3"``,
+``SAVED_LAYOUTS``), so that a compiled graph cached on disk by an earlier version of the
+package, whose saved state had another layout, is not reused (inductor's cache key holds the
+op's arguments, not its fake kernel).
 
 Eager calls keep going through :class:`fused_cosloss._kernel_function.KernelRows` (no
 dispatcher overhead); these ops run the same ``forward_rows`` / ``backward_rows``.
@@ -26,7 +30,12 @@ from . import backends
 from ._kernel_function import kernel_layouts
 
 
+# Bump a backend's number whenever its forward_rows changes the saved state's arity, shapes or dtypes.
+SAVED_LAYOUTS = {"native": 1, "triton": 3}
+
+
 def _ops(backend: str):
+    backend = backend.split("/")[0]
     module, reason = backends._kernel_module(backend)
     if module is None:
         raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
@@ -111,5 +120,5 @@ def compiled_kernel_rows(backend: str, logits, labels, embedding, temperature, k
     """``(ce, cos, correct)`` of kernel backend ``backend`` through the custom op (the traced path)."""
     logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     out = torch.ops.fused_cosloss.rows_forward(
-        backend, logits, labels, embedding, float(temperature), int(k), int(ignore_index), bool(with_cos))
+        f"{backend}/{SAVED_LAYOUTS[backend]}", logits, labels, embedding, float(temperature), int(k), int(ignore_index), bool(with_cos))
     return out[0], out[1], out[2]

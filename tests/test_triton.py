@@ -128,11 +128,105 @@ def test_signed_zeros_tie(interpret, gen):
     _agree(logits, labels, embedding, topk=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ties", [False, True])
+def test_backward_in_hidden_chunks_and_row_pieces(interpret, ops, monkeypatch, gen, dtype, ties):
+    """The backward as at the benchmark shape: H in several chunks (the last one partial: s
+    summed across chunks, the logits gradient on S written by the last), and S's entries
+    grouped in several pieces of rows (the last one partial)."""
+    monkeypatch.setattr(ops, "HIDDEN_CHUNK", 16)
+    monkeypatch.setattr(ops, "PIECE_ENTRIES", 3 * 7)  # 3 rows per piece at k = 7
+    logits, labels, embedding = make_inputs(gen, 11, 50, 40, dtype=dtype, ties=ties)
+    _agree(logits, labels, embedding, topk=7, temperature=0.7)
+
+
+def test_hidden_chunks_in_place_and_zero_cosine_weights(interpret, ops, monkeypatch, gen):
+    """Several chunks with the gradient written over the logits, rows whose cosine weight is 0
+    (their S written by the dense loop) and a row with NaN (written whole, NaN)."""
+    monkeypatch.setattr(ops, "HIDDEN_CHUNK", 16)
+    monkeypatch.setattr(ops, "PIECE_ENTRIES", 2 * 6)
+    logits, labels, embedding = make_inputs(gen, 9, 40, 36, ignore_frac=0.0)
+    weights = torch.rand(9, generator=gen)
+    weights[[1, 4]] = 0.0
+    logits[6, 3] = float("nan")
+    grads = []
+    for backend, inplace in (("triton", True), ("reference", False)):
+        z = logits.clone().requires_grad_(True)
+        e = embedding.clone().requires_grad_(True)
+        out = mixed_loss(z * 1.0 if inplace else z, labels, e, backend=backend, topk=6, reduction="none",
+                         return_parts=True, inplace_grad=inplace)
+        ((out.ce + 0.5) * torch.rand(9, generator=torch.Generator().manual_seed(1)) + out.cos * weights).sum().backward()
+        grads.append((z.grad, e.grad))
+    (dz, de), (dz_ref, de_ref) = grads
+    finite = torch.arange(9) != 6
+    assert torch.isnan(dz[6]).all()
+    assert_close_rel(dz[finite], dz_ref[finite], gradient_tolerance(torch.float32, 1.0), "dlogits")
+    rows_of_6 = torch.zeros(40, dtype=torch.bool)
+    rows_of_6[logits[6].nan_to_num(nan=float("inf")).topk(6).indices] = True
+    rows_of_6[labels[6]] = True
+    assert torch.isnan(de[rows_of_6]).all()
+    assert_close_rel(de[~rows_of_6], de_ref[~rows_of_6], gradient_tolerance(torch.float32, 1.0), "dembedding")
+
+
+def test_vocabulary_above_32768_with_int16_indices(interpret, gen):
+    """S's indices are stored in 16 bits up to V = 65536: indices past 32767 (negative as
+    int16) must come back as themselves, through the forward and both gradients."""
+    logits, labels, embedding = make_inputs(gen, 4, 40000, 8, ignore_frac=0.0)
+    logits[:, 39990:] += 8.0  # S among the last indices, and some labels there
+    labels[:2] = torch.tensor([39995, 35000])
+    _agree(logits, labels, embedding, topk=5, temperature=0.7)
+
+
+@pytest.mark.parametrize("vocab", [13, 40000], ids=["small", "int16-wraps"])
+def test_grouped_entries_are_sorted_by_vocabulary_row_then_row(ops, gen, vocab):
+    """The host-side grouping of S's entries: each piece's segment of v lists the positions
+    n * k + j with S_n[j] = v for the piece's rows whose S holds v, in row order; rows left
+    out appear nowhere. S's indices are int16 up to V = 65536, read unsigned."""
+    n, k = 10, 4
+    choices = torch.tensor([0, 1, 5, 12, vocab - 1, vocab // 2 + 3, vocab // 3])
+    s_idx = torch.stack([choices[torch.randperm(len(choices), generator=gen)[:k]] for _ in range(n)])
+    s_idx = s_idx.to(ops._index_dtype(vocab))
+    assert s_idx.dtype == torch.int16 and (vocab < 32768 or (s_idx < 0).any())
+    flat = s_idx.to(torch.int64).reshape(-1) % 65536
+    used = torch.rand(n, generator=gen) < 0.7
+    old = ops.PIECE_ENTRIES
+    try:
+        ops.PIECE_ENTRIES = 3 * k
+        entries, offsets, pieces, piece_len = ops._grouped_entries(s_idx, used, vocab)
+    finally:
+        ops.PIECE_ENTRIES = old
+    assert pieces == 4 and piece_len == 3 * k and offsets.shape == (4, vocab + 1)
+    for piece in range(pieces):
+        rows = range(3 * piece, min(n, 3 * piece + 3))
+        for v in choices.tolist():
+            segment = entries[piece * piece_len + offsets[piece, v]: piece * piece_len + offsets[piece, v + 1]]
+            want = [r * k + j for r in rows if used[r] for j in range(k) if flat[r * k + j] == v]
+            assert segment.tolist() == want
+        assert offsets[piece, -1] == sum(k for r in rows if used[r])
+
+
 def test_embedding_gradient_is_bitwise_deterministic(interpret, gen):
     logits, labels, embedding = make_inputs(gen, 12, 20, 6, ignore_frac=0.1)
     first = _run("triton", logits, labels, embedding, topk=8)[2]
     second = _run("triton", logits, labels, embedding, topk=8)[2]
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("n", [0, 5])
+@pytest.mark.parametrize("with_cos,k", [(False, 3), (True, 3), (True, 30)], ids=["ce", "sparse", "dense"])
+@pytest.mark.parametrize("vocab", [20, 70000], ids=["int16-indices", "int32-indices"])
+def test_fake_forward_matches_the_real_one(interpret, ops, monkeypatch, n, with_cos, k, vocab):
+    """The custom op's fake kernel gives the saved state's real shapes and dtypes (torch.compile
+    relies on it), n = 0 included."""
+    monkeypatch.setattr(ops, "SPARSE_MAX_K", 8)
+    logits = torch.randn(n, vocab, dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (n,))
+    embedding = torch.randn(vocab, 4)
+    real = ops.forward_rows(logits, labels, embedding, 1.0, k, -100, with_cos)
+    fake = ops.fake_forward_rows(logits, labels, embedding, 1.0, k, -100, with_cos)
+    flat_real = [*real[:3], *real[3]]
+    flat_fake = [*fake[:3], *fake[3]]
+    assert [(t.shape, t.dtype) for t in flat_real] == [(t.shape, t.dtype) for t in flat_fake]
 
 
 def test_unavailable_reason_names_the_problem(ops):

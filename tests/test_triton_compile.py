@@ -86,12 +86,13 @@ def _row_stats(mode: int, logits: str = "bf16"):
 
     import torch
 
-    key16, npass = ops._key_constants({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[logits])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[logits]
+    key16, npass = ops._key_constants(dtype)
     capacity = ops._capacity(TOPK)
     types = dict(ROW_TYPES, logits_ptr=f"*{logits}", s_val_ptr=f"*{logits}")
     constexprs = dict(MODE=mode, KEY16=key16, NPASS=npass, BR=1, BV=ops.row_kernel_lanes(VOCAB, TOPK, mode),
                       BC=ops._scratch_block(capacity))
-    options = dict(num_warps=_bench_tiles()["NW_ROW"], maxnreg=ops.row_kernel_maxnreg(mode))
+    options = ops.row_kernel_options(dtype, mode)
     return _source(forward.row_stats_kernel, types, constexprs), options
 
 
@@ -99,19 +100,29 @@ def _cosine():
     from fused_cosloss.triton_ops import forward
 
     tiles = _bench_tiles()
-    types = dict(emb_ptr="*bf16", labels_ptr="*i64", stats_ptr="*fp32", s_idx_ptr="*i32", s_val_ptr="*bf16",
-                 mu_ptr="*fp32", cstats_ptr="*fp32", N="i32", K="i32", H="i32", ignore_index="i32",
-                 temperature="fp32")
+    types = dict(emb_ptr="*bf16", labels_ptr="*i64", stats_ptr="*fp32", s_idx_ptr="*i16", s_val_ptr="*bf16",
+                 cstats_ptr="*fp32", N="i32", K="i32", H="i32", ignore_index="i32", temperature="fp32")
     return _source(forward.cosine_kernel, types, dict(BR=1, BK=tiles["BK"], BH=tiles["BH"])), tiles["NW_COS"]
 
 
-def _direction():
+def _bench_chunk() -> int:
+    import fused_cosloss.triton_ops as ops
+
+    return ops.hidden_chunk(VOCAB, HIDDEN, 2)
+
+
+def _direction_chunk():
+    import fused_cosloss.triton_ops as ops
     from fused_cosloss.triton_ops import backward
 
     tiles = _bench_tiles()
-    types = dict(emb_ptr="*bf16", labels_ptr="*i64", mu_ptr="*fp32", cstats_ptr="*fp32", grad_cos_ptr="*fp32",
-                 g_ptr="*fp32", coef_ptr="*fp32", N="i32", H="i32", ignore_index="i32")
-    return _source(backward.direction_kernel, types, dict(BR=1, BH=tiles["BH"])), tiles["NW_COS"]
+    types = dict(emb_ptr="*bf16", labels_ptr="*i64", s_idx_ptr="*i16", s_val_ptr="*bf16", stats_ptr="*fp32",
+                 cstats_ptr="*fp32", grad_cos_ptr="*fp32", coef_ptr="*fp32", g_ptr="*fp32",
+                 t_ptr="*fp32", N="i32", K="i32", H="i32", h0="i32", C="i32", ignore_index="i32",
+                 temperature="fp32")
+    constexprs = dict(FIRST=True, WRITE_T=True, BR=1, BK=tiles["BK"],
+                      BH=min(tiles["BH"], ops._next_pow2(_bench_chunk())))
+    return _source(backward.direction_chunk_kernel, types, constexprs), tiles["NW_COS"]
 
 
 def _backward(with_cos: bool):
@@ -120,23 +131,26 @@ def _backward(with_cos: bool):
 
     tiles = _bench_tiles()
     types = dict(logits_ptr="*bf16", stride_row="i32", labels_ptr="*i64", grad_ce_ptr="*fp32", grad_cos_ptr="*fp32",
-                 stats_ptr="*fp32", tie_ptr="*i32", s_idx_ptr="*i32", s_val_ptr="*bf16", s_dot_ptr="*fp32",
-                 coef_ptr="*fp32", dlogits_ptr="*bf16", out_stride="i32", N="i32", V="i32", K="i32",
-                 ignore_index="i32", temperature="fp32")
-    constexprs = dict(WITH_COS=with_cos, BR=1, BV=ops._row_block(VOCAB), BK=tiles["BK_BWD"])
+                 stats_ptr="*fp32", tie_ptr="*i32", dlogits_ptr="*bf16", out_stride="i32", N="i32", V="i32",
+                 ignore_index="i32")
+    constexprs = dict(WITH_COS=with_cos, BR=1, BV=ops._row_block(VOCAB))
     return _source(backward.backward_rows_kernel, types, constexprs), tiles["NW_BWD"]
 
 
-def _embedding_grad(hidden: int = HIDDEN):
+def _embedding_grad(chunk: int | None = None, last: bool = True):
     import fused_cosloss.triton_ops as ops
     from fused_cosloss.triton_ops import embedding_grad
 
-    tiles = ops._vocab_tiles(hidden)
-    types = dict(demb_ptr="*bf16", base_ptr="*fp32", s_dot_ptr="*fp32", perm_ptr="*i64", offsets_ptr="*i64",
-                 s_val_ptr="*bf16", stats_ptr="*fp32", coef_ptr="*fp32", g_ptr="*fp32", mu_ptr="*fp32",
-                 emb_ptr="*bf16", V="i32", NK="i64", K="i32", H="i32", temperature="fp32")
-    constexprs = dict(WRITE_S=True, WRITE_DE=True, HAS_BASE=False, VB=tiles["VB"], BE=tiles["BE"], HP=tiles["HP"])
-    return _source(embedding_grad.embedding_grad_kernel, types, constexprs), tiles["NW"]
+    tiles = ops._vocab_tiles(chunk or _bench_chunk())
+    types = dict(demb_ptr="*bf16", base_ptr="*fp32", emb_ptr="*bf16", s_val_ptr="*bf16", dlogits_ptr="*bf16",
+                 out_stride="i32", entries_ptr="*i32", offsets_ptr="*i32", s_ptr="*fp32", PIECES="i32",
+                 PIECE_LEN="i32", K="i32", t_rows_ptr="*i64", t_offsets_ptr="*i64", g_ptr="*fp32",
+                 t_ptr="*fp32", chunk_stride="i32", labels_ptr="*i64", stats_ptr="*fp32", coef_ptr="*fp32",
+                 grad_ce_ptr="*fp32", V="i32", H="i32", h0="i32", C="i32", temperature="fp32")
+    constexprs = dict(FIRST=False, LAST=last, WRITE_DZ=True, WRITE_DE=True, HAS_BASE=False, VB=tiles["VB"],
+                      BE=tiles["BE"], BC=tiles["BC"])
+    return _source(embedding_grad.embedding_grad_kernel, types, constexprs), dict(num_warps=tiles["NW"],
+                                                                                   maxnreg=tiles["MAXNREG"])
 
 
 KERNELS = {
@@ -145,11 +159,12 @@ KERNELS = {
     "row_stats[ce-only]": lambda: _row_stats(0),
     "row_stats[dense]": lambda: _row_stats(2),
     "cosine": _cosine,
-    "direction": _direction,
+    "direction_chunk": _direction_chunk,
     "backward[cos]": lambda: _backward(True),
     "backward[ce-only]": lambda: _backward(False),
-    "vocabulary_pass": _embedding_grad,
-    "vocabulary_pass[H=4096]": lambda: _embedding_grad(4096),
+    "vocabulary_pass[last chunk]": _embedding_grad,
+    "vocabulary_pass[middle chunk]": lambda: _embedding_grad(last=False),
+    "vocabulary_pass[C=512]": lambda: _embedding_grad(512),
 }
 
 

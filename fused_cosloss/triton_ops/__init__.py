@@ -7,17 +7,19 @@ be float32, bfloat16 or float16; all arithmetic is float32. Design and cost mode
 docs/triton_kernel.md.
 
 * sparse path (``k <= SPARSE_MAX_K`` = 1024). Forward: ``row_stats_kernel`` (logsumexp,
-  argmax, radix top-k) -> ``cosine_kernel`` (mu over the k gathered rows, cos). Backward:
-  ``direction_kernel`` (g = d cos / d mu per row) -> ``embedding_grad_kernel`` (the
-  vocabulary pass: s = E[v] . g on S and dE, over entries sorted by vocabulary row, no
-  atomics) -> ``backward_rows_kernel`` (the logits gradient, each element written once).
-  Saved between forward and backward: S indices (int32) and values (logits dtype)
-  ``[N, k]``, mu ``[N, H]`` float32, nine scalars per row.
+  argmax, radix top-k) -> ``cosine_kernel`` (mu over the k gathered rows, cos). Saved between
+  forward and backward: S's indices (int16 up to V = 65536, else int32) and values ``[N, k]``
+  and eight scalars per row (not mu).
+  Backward: ``backward_rows_kernel`` (the logits gradient outside S) -> the entries of S
+  grouped by vocabulary row (``_grouped_entries``) -> per chunk of H columns,
+  ``direction_chunk_kernel`` (mu recomputed, g = d cos / d mu) and ``embedding_grad_kernel``
+  (the vocabulary pass: s = E[v] . g and dE, no atomics; on the last chunk the logits
+  gradient on S).
 * dense path (``k > SPARSE_MAX_K``, e.g. ``topk=None`` on a real vocabulary): the row kernel
   finds the threshold of S, and the cosine term goes through matrix products with E in
-  blocks of rows; extra memory: a few ``[rows, V]`` float32 temporaries of at most
-  ``DENSE_BLOCK_ELEMENTS`` elements, a float32 copy of E when E is 16-bit, and a float32
-  ``[V, H]`` accumulator of dE.
+  blocks of rows; extra memory: mu ``[N, H]`` float32 (saved), a few ``[rows, V]`` float32
+  temporaries of at most ``DENSE_BLOCK_ELEMENTS`` elements, a float32 copy of E when E is
+  16-bit, and a float32 ``[V, H]`` accumulator of dE.
 * ``with_cos=False``: only logsumexp / argmax in the forward and the dense CE gradient.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import torch
 import triton
 
-from .backward import backward_rows_kernel, direction_kernel
+from .backward import backward_rows_kernel, direction_chunk_kernel
 from .embedding_grad import embedding_grad_kernel
 from .forward import cosine_kernel, row_stats_kernel
 
@@ -39,6 +41,15 @@ SPARSE_MAX_K = 1024
 # Capacity of the per-program candidate scratch of the selection (None: max(4 * k, 2048)).
 # A row with more candidates than this falls back to a radix select over the whole row.
 CANDIDATE_CAPACITY: int | None = None
+# Entries of S sorted per piece of consecutive rows (the sort's temporaries are those of one piece).
+PIECE_ENTRIES = 1 << 18
+# Columns of H per chunk of the backward (None: from HIDDEN_CHUNK_SHARE below).
+HIDDEN_CHUNK: int | None = None
+# The backward's two float32 [N, C] chunk buffers take at most this share of the logits' bytes.
+HIDDEN_CHUNK_SHARE = 1 / 64
+# The vocabulary pass holds a chunk of an embedding row in registers: at 1024 columns it spills
+# 8 bytes on sm_80 with triton 3.6 (tests/test_triton_compile.py).
+MAX_HIDDEN_CHUNK = 512
 # Dense path: rows per block chosen so that a [rows, V] float32 temporary has at most this many elements.
 DENSE_BLOCK_ELEMENTS = 1 << 22
 # Persistent row-kernel programs per SM: rows in flight re-read from L2 in the selection's second
@@ -50,11 +61,19 @@ NUM_WARPS = dict(NW_ROW=8, NW_COS=4, NW_BWD=8)
 # 80 registers on sm_80 and spills (triton 3.9); the dense path is the slow path, so it may
 # take the registers it needs at one program per SM.
 DENSE_ROW_MAXNREG = 255
+# float32 logits take four radix passes, not two: at 8 warps the sparse row kernel stays at 128
+# registers and spills 24-32 bytes with triton 3.6 and 3.7; at 16 warps capped at 128 registers
+# it spills with none of 3.6 to 3.9 (uncapped, 3.8 holds it at 64 and spills 8 bytes on sm_90).
+FP32_SPARSE_ROW = dict(num_warps=16, maxnreg=128)
 
 
-def row_kernel_maxnreg(mode: int):
-    """The ``maxnreg`` launch option of the row kernel in this mode (None: ptxas decides)."""
-    return DENSE_ROW_MAXNREG if mode == 2 else None
+def row_kernel_options(dtype: torch.dtype, mode: int) -> dict:
+    """Launch options (num_warps, maxnreg) of the forward row kernel for logits of this dtype in this mode."""
+    if mode == 2:
+        return dict(num_warps=NUM_WARPS["NW_ROW"], maxnreg=DENSE_ROW_MAXNREG)
+    if mode == 1 and dtype == torch.float32:
+        return dict(FP32_SPARSE_ROW)
+    return dict(num_warps=NUM_WARPS["NW_ROW"], maxnreg=None)
 
 
 def _interpreted() -> bool:
@@ -110,12 +129,13 @@ def _tiles(n: int, k: int, hidden: int) -> dict:
     return dict(BR=1, BK=8, BH=_hidden_block(hidden, 256), BK_BWD=256, **NUM_WARPS)
 
 
-def _vocab_tiles(hidden: int) -> dict:
-    """The vocabulary pass holds whole embedding rows (HP >= H) and BE entries of a segment at a time."""
-    padded = max(16, _next_pow2(hidden))
+def _vocab_tiles(chunk: int) -> dict:
+    """The vocabulary pass holds a chunk of embedding row (BC >= C columns) and BE entries of a segment at a time."""
+    padded = max(16, _next_pow2(chunk))
     if _interpreted():
-        return dict(VB=64, BE=8, HP=padded, NW=4)
-    return dict(VB=1, BE=max(1, min(8, 2048 // padded)), HP=padded, NW=8)
+        return dict(VB=64, BE=8, BC=padded, NW=4, MAXNREG=None)
+    # left alone, ptxas holds it at 80 registers and spills 8 bytes at C = 512 (sm_80, triton 3.9)
+    return dict(VB=1, BE=max(1, min(8, 2048 // padded)), BC=padded, NW=8, MAXNREG=128)
 
 
 def _key_constants(dtype: torch.dtype):
@@ -171,8 +191,9 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
     s_val = torch.empty(n, k, device=device, dtype=logits.dtype) if sparse else _empty(device, logits.dtype)
     if n == 0:
         cos = torch.zeros(0, device=device, dtype=torch.float32)
-        saved = (stats, tie, s_idx, s_val, torch.empty(0, hidden, device=device), torch.empty(0, 4, device=device))
-        return ce, cos, correct.bool(), saved
+        s_idx = s_idx.to(_index_dtype(vocab)) if sparse else s_idx
+        return ce, cos, correct.bool(), (stats, tie, s_idx, s_val, torch.empty(0, hidden, device=device),
+                                         torch.empty(0, 4, device=device))
 
     tiles = _tiles(n, k, hidden)
     rows = tiles["BR"]
@@ -188,18 +209,20 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
         logits, logits.stride(0), labels, n, vocab, k, capacity, ignore_index, float(temperature),
         ce, correct, stats, tie, s_idx, s_val, scratch_idx, scratch_val,
         MODE=mode, KEY16=key16, NPASS=npass, BR=rows, BV=row_kernel_lanes(vocab, k, mode),
-        BC=_scratch_block(capacity), num_warps=tiles["NW_ROW"], maxnreg=row_kernel_maxnreg(mode),
+        BC=_scratch_block(capacity), **row_kernel_options(logits.dtype, mode),
     )
     del scratch_idx, scratch_val
+    if sparse and _index_dtype(vocab) != torch.int32:
+        # saved in 16 bits; written in 32 by the row kernel, where an int16 store costs registers and spills
+        s_idx = s_idx.to(_index_dtype(vocab))
+    mu = torch.empty(0, hidden, device=device)  # kept by the dense path only
     if mode == 0:
         cos = torch.zeros(n, device=device, dtype=torch.float32)
-        mu = torch.empty(0, hidden, device=device)
         cstats = torch.empty(0, 4, device=device)
     elif mode == 1:
-        mu = torch.empty(n, hidden, device=device, dtype=torch.float32)
         cstats = torch.empty(n, 4, device=device, dtype=torch.float32)  # cos, |mu|, |e|, mu . e
         cosine_kernel[(triton.cdiv(n, rows),)](
-            embedding, labels, stats, s_idx, s_val, mu, cstats, n, k, hidden, ignore_index, float(temperature),
+            embedding, labels, stats, s_idx, s_val, cstats, n, k, hidden, ignore_index, float(temperature),
             BR=rows, BK=tiles["BK"], BH=tiles["BH"], num_warps=tiles["NW_COS"],
         )
         cos = cstats[:, 0].clone()
@@ -214,14 +237,13 @@ def fake_forward_rows(logits, labels, embedding, temperature, k, ignore_index, w
     n, hidden = logits.shape[0], embedding.shape[1]
     device = logits.device
     sparse = with_cos and k <= SPARSE_MAX_K
-    rows = n if with_cos else 0
     saved = (
         torch.empty(n, 4, device=device, dtype=torch.float32),
         torch.empty(n, device=device, dtype=torch.int32),
-        torch.empty(n, k, device=device, dtype=torch.int32) if sparse else _empty(device, torch.int32),
+        torch.empty(n, k, device=device, dtype=_index_dtype(logits.shape[1])) if sparse else _empty(device, torch.int32),
         torch.empty(n, k, device=device, dtype=logits.dtype) if sparse else _empty(device, logits.dtype),
-        torch.empty(rows, hidden, device=device, dtype=torch.float32),
-        torch.empty(rows, 4, device=device, dtype=torch.float32),
+        torch.empty(n if with_cos and not sparse else 0, hidden, device=device, dtype=torch.float32),
+        torch.empty(n if with_cos else 0, 4, device=device, dtype=torch.float32),
     )
     ce = torch.empty(n, device=device, dtype=torch.float32)
     cos = torch.empty(n, device=device, dtype=torch.float32)
@@ -232,7 +254,6 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
                   need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
     stats, tie, s_idx, s_val, mu, cstats = saved
     n, vocab = logits.shape
-    hidden = embedding.shape[1]
     device = logits.device
     grad_ce = grad_ce.to(torch.float32).contiguous()
     grad_cos = grad_cos.to(torch.float32).contiguous()
@@ -248,65 +269,117 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
             embedding_grad_out += demb
             demb = None
         return dlogits, demb
-    tiles = _tiles(n, k, hidden)
-    rows = tiles["BR"]
-    demb = None
-    coef = _empty(device)
-    s_dot = _empty(device)
-    if with_cos and (need_logits_grad or want_demb):
-        # g per row, then the vocabulary pass: s = E[v] . g_n on S, and dE
-        g = torch.empty(n, hidden, device=device, dtype=torch.float32)
-        coef = torch.empty(n, 4, device=device, dtype=torch.float32)
-        direction_kernel[(triton.cdiv(n, rows),)](
-            embedding, labels, mu, cstats, grad_cos, g, coef, n, hidden, ignore_index,
-            BR=rows, BH=tiles["BH"], num_warps=tiles["NW_COS"],
-        )
-        contributes = (labels != ignore_index) & (grad_cos != 0)
-        keys_s = torch.where(contributes[:, None], 2 * s_idx, 2 * vocab).reshape(-1)
-        keys_t = torch.where(contributes & want_demb, 2 * labels + 1, 2 * vocab).to(torch.int32)
-        keys = torch.cat([keys_s, keys_t])
-        del keys_s, keys_t, contributes  # not held through the sort
-        s_dot = torch.empty(n, k, device=device, dtype=torch.float32) if need_logits_grad else _empty(device)
-        demb = _vocabulary_pass(keys, n * k, k, embedding, s_dot, s_val, stats, coef, g, mu,
-                                temperature, need_logits_grad, want_demb, base=embedding_grad_out,
-                                out=embedding_grad_out)
-        if embedding_grad_out is not None:
-            demb = None
-        del g
     dlogits = None
     if need_logits_grad:
+        # outside S; the vocabulary pass writes S's entries
         dlogits = logits if inplace else torch.empty(n, vocab, device=device, dtype=logits.dtype)
+        rows = _tiles(n, k, embedding.shape[1])["BR"]
         backward_rows_kernel[(triton.cdiv(n, rows),)](
-            logits, logits.stride(0), labels, grad_ce, grad_cos, stats, tie, s_idx, s_val, s_dot, coef,
-            dlogits, dlogits.stride(0),
-            n, vocab, k, ignore_index, float(temperature),
-            WITH_COS=with_cos, BR=rows, BV=_row_block(vocab), BK=tiles["BK_BWD"], num_warps=tiles["NW_BWD"],
+            logits, logits.stride(0), labels, grad_ce, grad_cos, stats, tie, dlogits, dlogits.stride(0),
+            n, vocab, ignore_index,
+            WITH_COS=with_cos, BR=rows, BV=_row_block(vocab), num_warps=NUM_WARPS["NW_BWD"],
         )
+    demb = None
+    if with_cos and (need_logits_grad or want_demb):
+        demb = _cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index,
+                                dlogits, want_demb, embedding_grad_out)
     return dlogits, demb
 
 
-def _vocabulary_pass(keys, nk, k, embedding, s_dot, s_val, stats, coef, g, mu, temperature, write_s, write_demb,
-                     base, out=None):
-    """s on S (when write_s) and dE (when write_demb) from the entry keys 2 * v + is_target
-    (2 * V marks an entry that adds nothing); dE = base + the sum when base is given, written
-    to ``out`` (which may be ``base`` itself: each row is read before it is written)."""
-    vocab, hidden = embedding.shape
-    device = embedding.device
-    sorted_keys, perm = torch.sort(keys, stable=True)
-    offsets = torch.searchsorted(sorted_keys, torch.arange(2 * vocab + 1, device=device, dtype=sorted_keys.dtype))
-    del sorted_keys
-    if out is not None:
-        demb = out
-    else:
-        demb = torch.empty_like(embedding) if write_demb else _empty(device, embedding.dtype)
-    tiles = _vocab_tiles(hidden)
-    embedding_grad_kernel[(triton.cdiv(vocab, tiles["VB"]),)](
-        demb, base if base is not None else _empty(device), s_dot, perm, offsets, s_val, stats, coef, g, mu, embedding,
-        vocab, nk, max(k, 1), hidden, float(temperature),
-        WRITE_S=write_s, WRITE_DE=write_demb, HAS_BASE=base is not None,
-        VB=tiles["VB"], BE=tiles["BE"], HP=tiles["HP"], num_warps=tiles["NW"],
-    )
-    return demb if write_demb else None
+def _grouped_entries(s_idx, rows_used, vocab):
+    """The entries (n, v in S_n) of the rows ``rows_used``, grouped by v: pieces of
+    ``piece_rows`` consecutive rows, each sorted by (v, n) into its range of ``entries``
+    (positions n * k + j in S's [N, k] buffers; int32, int64 past 2**31) with its own offsets
+    ``[pieces, V + 1]`` (int32, within the piece). -> (entries, offsets, pieces, piece_len).
+    Sorting piece by piece keeps the sort's temporaries to those of one piece; keys
+    v * piece_rows + local row fit in int32."""
+    n, k = s_idx.shape
+    device = s_idx.device
+    piece_rows = max(1, min(n, PIECE_ENTRIES // max(k, 1), (2 ** 31 - 1) // (vocab + 1)))
+    pieces = triton.cdiv(n, piece_rows)
+    entries = torch.empty(n * k, device=device, dtype=torch.int32 if n * k < 2 ** 31 else torch.int64)
+    offsets = torch.empty(pieces, vocab + 1, device=device, dtype=torch.int32)
+    boundaries = torch.arange(vocab + 1, device=device, dtype=torch.int32) * piece_rows
+    local = torch.arange(piece_rows, device=device, dtype=torch.int32)[:, None]
+    for piece, start in enumerate(range(0, n, piece_rows)):
+        end = min(n, start + piece_rows)
+        indices = s_idx[start:end].to(torch.int32)
+        indices = torch.where(indices < 0, indices + 65536, indices)  # int16 storage is read unsigned
+        keys = torch.where(rows_used[start:end, None], indices * piece_rows + local[: end - start], vocab * piece_rows)
+        del indices
+        sorted_keys, order = torch.sort(keys.reshape(-1))  # distinct keys (but the unused): no stability needed
+        del keys
+        torch.searchsorted(sorted_keys, boundaries, out_int32=True, out=offsets[piece])
+        entries[start * k:end * k] = order + start * k
+    return entries, offsets, pieces, piece_rows * k
+
+
+def _index_dtype(vocab: int) -> torch.dtype:
+    """S's indices take 16 bits while the vocabulary fits (read back unsigned), else 32."""
+    return torch.int16 if vocab <= 65536 else torch.int32
+
+
+def _target_segments(labels, rows_used, vocab):
+    """Rows grouped by label, in row order (``t_rows`` int64), and each label's segment
+    ``t_offsets[y] : t_offsets[y + 1]``; rows not used go past the last segment."""
+    keys = torch.where(rows_used, labels, vocab)
+    sorted_keys, t_rows = torch.sort(keys, stable=True)
+    t_offsets = torch.searchsorted(sorted_keys, torch.arange(vocab + 1, device=labels.device, dtype=keys.dtype))
+    return t_rows, t_offsets
+
+
+def hidden_chunk(vocab: int, hidden: int, logits_itemsize: int) -> int:
+    """Columns of H per chunk of the backward: a power of two from 32 to MAX_HIDDEN_CHUNK, so
+    that its two float32 [N, C] buffers take at most HIDDEN_CHUNK_SHARE of the logits' bytes."""
+    if HIDDEN_CHUNK is not None:
+        return HIDDEN_CHUNK
+    budget = int(vocab * logits_itemsize * HIDDEN_CHUNK_SHARE) // 8
+    return min(_next_pow2(hidden), MAX_HIDDEN_CHUNK, 1 << max(5, budget.bit_length() - 1))
+
+
+def _cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index,
+                     dlogits, want_demb, embedding_grad_out):
+    """The cosine term's share of the backward (sparse path): dE, and the logits gradient on S
+    when ``dlogits`` is given (whose entries outside S backward_rows_kernel already wrote)."""
+    stats, tie, s_idx, s_val, _, cstats = saved
+    n, vocab = logits.shape
+    hidden = embedding.shape[1]
+    device = logits.device
+    rows_used = (labels != ignore_index) & (grad_cos != 0)
+    entries, offsets, pieces, piece_len = _grouped_entries(s_idx, rows_used, vocab)
+    t_rows, t_offsets = _target_segments(labels, rows_used, vocab) if want_demb else (_empty(device, torch.int64),) * 2
+    chunk = hidden_chunk(vocab, hidden, logits.element_size())
+    chunks = list(range(0, hidden, chunk))
+    write_dz = dlogits is not None
+    coef = torch.empty(n, 2, device=device, dtype=torch.float32)  # grad_cos, s_bar
+    g = torch.empty(n, chunk, device=device, dtype=torch.float32)
+    t = torch.empty(n, chunk, device=device, dtype=torch.float32) if want_demb else _empty(device)
+    # s accumulates over the chunks, in the entries' order
+    s_dot = torch.empty(n * k, device=device, dtype=torch.float32) if write_dz and len(chunks) > 1 else _empty(device)
+    demb = None
+    if want_demb:
+        demb = embedding_grad_out if embedding_grad_out is not None else torch.empty_like(embedding)
+    tiles = _tiles(n, k, hidden)
+    vtiles = _vocab_tiles(chunk)
+    for index, h0 in enumerate(chunks):
+        first, last = index == 0, index == len(chunks) - 1
+        direction_chunk_kernel[(triton.cdiv(n, tiles["BR"]),)](
+            embedding, labels, s_idx, s_val, stats, cstats, grad_cos, coef, g, t,
+            n, k, hidden, h0, chunk, ignore_index, float(temperature),
+            FIRST=first, WRITE_T=want_demb, BR=tiles["BR"], BK=tiles["BK"], BH=min(tiles["BH"], _next_pow2(chunk)),
+            num_warps=tiles["NW_COS"],
+        )
+        embedding_grad_kernel[(triton.cdiv(vocab, vtiles["VB"]),)](
+            demb if want_demb else _empty(device, embedding.dtype),
+            embedding_grad_out if embedding_grad_out is not None else _empty(device), embedding, s_val,
+            dlogits if write_dz else _empty(device, logits.dtype), dlogits.stride(0) if write_dz else 0,
+            entries, offsets, s_dot, pieces, piece_len, k, t_rows, t_offsets,
+            g, t, chunk, labels, stats, coef, grad_ce,
+            vocab, hidden, h0, chunk, float(temperature),
+            FIRST=first, LAST=last, WRITE_DZ=write_dz, WRITE_DE=want_demb, HAS_BASE=embedding_grad_out is not None,
+            VB=vtiles["VB"], BE=vtiles["BE"], BC=vtiles["BC"], num_warps=vtiles["NW"], maxnreg=vtiles["MAXNREG"],
+        )
+    return None if embedding_grad_out is not None else demb
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,9 +427,9 @@ def _dense_forward(logits, labels, embedding, stats, tie, temperature, ignore_in
     return mu, cstats
 
 
-def _row_coefficients(cstats, grad_cos):
-    """g = a e + b mu, d cos / d e = a mu + d e and s_bar = mu . g per row; and the vocabulary
-    pass's coefficients (grad_cos, grad_cos * a, grad_cos * d, s_bar) as in direction_kernel."""
+def _row_coefficients(cstats):
+    """a, b, d and s_bar per row, as _direction_coefficients in backward.py: g = a e + b mu,
+    d cos / d e = a mu + d e, s_bar = mu . g."""
     cos, norm_mu, norm_e = cstats[:, 0], cstats[:, 1], cstats[:, 2]
     nm_c, ne_c = norm_mu.clamp_min(EPS), norm_e.clamp_min(EPS)
     a = 1.0 / (nm_c * ne_c)
@@ -364,7 +437,7 @@ def _row_coefficients(cstats, grad_cos):
     b = torch.where(norm_mu >= EPS, -cos / (nm_c * nm_c), zero)
     d = torch.where(norm_e >= EPS, -cos / (ne_c * ne_c), zero)
     s_bar = a * cstats[:, 3] + b * norm_mu * norm_mu
-    return torch.stack([grad_cos, grad_cos * a, grad_cos * d, s_bar], dim=1), a, b, s_bar
+    return a, b, d, s_bar
 
 
 def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, ignore_index,
@@ -375,8 +448,7 @@ def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, tempera
     table = _float_table(embedding)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0)
-    coef, a, b, s_bar = _row_coefficients(cstats, grad_cos)
-    coef = torch.where(valid[:, None], coef, torch.zeros((), device=device))
+    a, b, d, s_bar = _row_coefficients(cstats)
     dlogits = (logits if inplace else torch.empty_like(logits)) if need_logits_grad else None
     dtable = torch.zeros(vocab, embedding.shape[1], device=device, dtype=torch.float32) if want_demb else None
     for start, end in _dense_blocks(n, vocab):
@@ -400,7 +472,29 @@ def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, tempera
                 dtable[(w != 0).logical_or(torch.isnan(w))[nan_rows].any(0)] = float("nan")
     demb = None
     if want_demb:
-        keys = torch.where(valid & (grad_cos != 0), 2 * labels + 1, 2 * vocab).to(torch.int32)
-        demb = _vocabulary_pass(keys, 0, 1, embedding, _empty(device), _empty(device), stats, coef, _empty(device),
-                                mu, temperature, False, True, base=dtable)
+        rows_used = valid & (grad_cos != 0)
+        e = table.index_select(0, safe_labels)
+        t = grad_cos[:, None] * (a[:, None] * mu + d[:, None] * e)
+        demb = _add_target_terms(embedding, labels, rows_used, t, dtable)
     return dlogits, demb
+
+
+def _add_target_terms(embedding, labels, rows_used, t, base):
+    """base + the target entries' dE (rows of t summed per label, in row order), rounded once
+    to E's dtype: the vocabulary pass with no S entries."""
+    vocab, hidden = embedding.shape
+    device = embedding.device
+    t_rows, t_offsets = _target_segments(labels, rows_used, vocab)
+    demb = torch.empty_like(embedding)
+    chunk = min(_next_pow2(hidden), MAX_HIDDEN_CHUNK)
+    vtiles = _vocab_tiles(chunk)
+    for h0 in range(0, hidden, chunk):
+        embedding_grad_kernel[(triton.cdiv(vocab, vtiles["VB"]),)](
+            demb, base, embedding, _empty(device), _empty(device), 0,
+            _empty(device, torch.int32), _empty(device, torch.int32), _empty(device), 0, 0, 1, t_rows, t_offsets,
+            _empty(device), t[:, h0:], hidden, labels, _empty(device), _empty(device), _empty(device),
+            vocab, hidden, h0, chunk, 1.0,
+            FIRST=True, LAST=True, WRITE_DZ=False, WRITE_DE=True, HAS_BASE=True,
+            VB=vtiles["VB"], BE=vtiles["BE"], BC=vtiles["BC"], num_warps=vtiles["NW"], maxnreg=vtiles["MAXNREG"],
+        )
+    return demb

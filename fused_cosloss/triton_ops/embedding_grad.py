@@ -1,23 +1,28 @@
-"""The vocabulary pass of the backward: s = E[v] . g_n for every (row n, v in S_n), and the
-embedding gradient, deterministically, reading each embedding row once.
+"""The vocabulary pass of the backward, one chunk of H columns at a time: the embedding
+gradient, and the logits gradient on S, deterministically, reading each embedding row once.
 
 The gradient of ``sum_n grad_cos[n] * cos_n`` with respect to E has one entry per
 (row n, v in S_n) and one per target y_n:
 
     dE[v]   += grad_cos[n] * w_{n,v} * g_n                  (through mu_n)
-    dE[y_n] += grad_cos[n] * (a_n mu_n + d_n E[y_n])        (through e_n = E[y_n])
+    dE[y_n] += grad_cos[n] * (a_n mu_n + d_n E[y_n])        (through e_n = E[y_n]: ``t_n``)
 
-and the logits gradient needs s_{n,v} = E[v] . g_n for the same (n, v in S_n): the
-transpose of the same sparse product. The host sorts the entries stably by
-``2 * v + is_target`` (``torch.sort(stable=True)``) and finds each segment with
-``searchsorted``; a program takes VB vocabulary rows side by side (VB = 1 on a GPU, more
-under the interpreter), loads E[v] once, walks its S entries BE at a time (a [VB, BE, H]
-tile of g rows from L2: the dot products s, and the weighted sum for dE), then its target
-entries, and writes each dE[v] once. Each segment is summed in a fixed order with no
-atomics: the same inputs give bitwise the same gradient, run after run.
+and the logits gradient on S needs s_{n,v} = E[v] . g_n for the same (n, v in S_n): the
+transpose of the same sparse product. The host groups the entries by v (``entries``:
+positions n * K + j in the saved [N, K] indices and values of S, in pieces of consecutive
+rows, each piece sorted by (v, n) with its own offsets [PIECES, V + 1]) and the targets by
+label (``t_rows``, ``t_offsets``). A program takes VB
+vocabulary rows side by side (VB = 1 on a GPU, more under the interpreter), loads the chunk
+of E[v] once, and walks its entries BE at a time, piece after piece: the chunk's part of
+s (added to the earlier chunks' in ``s_ptr``, in the entries' order), the weighted sum for
+dE, and on the LAST chunk the logits gradient of the entry (backward_rows_kernel wrote
+every other element of the row; with ``inplace`` the entry's logit is overwritten, and its
+value comes from the saved S values). Then its target entries, and
+it writes each dE[v] chunk once. Every sum is taken in a fixed order with no atomics: the
+same inputs give bitwise the same gradients, run after run.
 
-Entry ids: ``n * K + j`` for slot j of S_n (an index into the saved [N, K] buffers),
-``N * K + n`` for the target of row n.
+g and t are [N, C] float32 chunks (``chunk_stride`` apart) written by direction_chunk_kernel;
+coef holds (grad_cos, s_bar) per row.
 """
 from __future__ import annotations
 
@@ -27,50 +32,68 @@ import triton.language as tl
 
 @triton.jit
 def embedding_grad_kernel(
-    demb_ptr, base_ptr, s_dot_ptr, perm_ptr, offsets_ptr, s_val_ptr, stats_ptr, coef_ptr, g_ptr, mu_ptr, emb_ptr,
-    V, NK, K, H, temperature,
-    WRITE_S: tl.constexpr, WRITE_DE: tl.constexpr, HAS_BASE: tl.constexpr,
-    VB: tl.constexpr, BE: tl.constexpr, HP: tl.constexpr,
+    demb_ptr, base_ptr, emb_ptr, s_val_ptr, dlogits_ptr, out_stride,
+    entries_ptr, offsets_ptr, s_ptr, PIECES, PIECE_LEN, K,
+    t_rows_ptr, t_offsets_ptr,
+    g_ptr, t_ptr, chunk_stride, labels_ptr, stats_ptr, coef_ptr, grad_ce_ptr,
+    V, H, h0, C, temperature,
+    FIRST: tl.constexpr, LAST: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_DE: tl.constexpr,
+    HAS_BASE: tl.constexpr, VB: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr,
 ):
     v = tl.cast(tl.program_id(0), tl.int64) * VB + tl.arange(0, VB)
     v_in = v < V
-    h = tl.arange(0, HP)
-    h_in = h < H
+    j = tl.arange(0, BC)
+    h = h0 + j
+    h_in = (j < C) & (h < H)
     vh = v_in[:, None] & h_in[None, :]
     e_v = tl.load(emb_ptr + v[:, None] * H + h[None, :], mask=vh, other=0.0).to(tl.float32)
-    s_start = tl.load(offsets_ptr + 2 * v, mask=v_in, other=0)
-    t_start = tl.load(offsets_ptr + 2 * v + 1, mask=v_in, other=0)
-    t_end = tl.load(offsets_ptr + 2 * v + 2, mask=v_in, other=0)
-    acc = tl.zeros([VB, BE, HP], tl.float32)
-    for j0 in range(0, tl.max(t_start - s_start, 0), BE):
-        j = s_start[:, None] + j0 + tl.arange(0, BE)[None, :]
-        j_in = j < t_start[:, None]
-        entry = tl.load(perm_ptr + j, mask=j_in, other=0)
-        row = entry // K
-        tile = j_in[:, :, None] & h_in[None, None, :]
-        g = tl.load(g_ptr + row[:, :, None] * H + h[None, None, :], mask=tile, other=0.0)
-        if WRITE_S:
-            tl.store(s_dot_ptr + entry, tl.sum(g * e_v[:, None, :], 2), mask=j_in)
-        if WRITE_DE:
-            g_cos = tl.load(coef_ptr + row * 4, mask=j_in, other=0.0)
-            z_max = tl.load(stats_ptr + row * 4 + 1, mask=j_in, other=0.0)
-            z_sum = tl.load(stats_ptr + row * 4 + 2, mask=j_in, other=1.0)
-            z = tl.load(s_val_ptr + entry, mask=j_in, other=0.0).to(tl.float32)
-            c = tl.where(j_in, g_cos * tl.exp(tl.div_rn(z - z_max, temperature)) / z_sum, 0.0)
-            acc += c[:, :, None] * g
+    acc = tl.zeros([VB, BE, BC], tl.float32)
+    for piece in range(0, PIECES):
+        starts = offsets_ptr + tl.cast(piece, tl.int64) * (V + 1) + v
+        start = tl.load(starts, mask=v_in, other=0)
+        end = tl.load(starts + 1, mask=v_in, other=0)
+        piece_base = tl.cast(piece, tl.int64) * PIECE_LEN
+        for i0 in range(0, tl.max(end - start, 0), BE):
+            i = start[:, None] + i0 + tl.arange(0, BE)[None, :]
+            i_in = i < end[:, None]
+            pos = piece_base + i
+            slot = tl.load(entries_ptr + pos, mask=i_in, other=0).to(tl.int64)
+            row = slot // K
+            g = tl.load(g_ptr + row[:, :, None] * chunk_stride + j[None, None, :],
+                        mask=i_in[:, :, None] & h_in[None, None, :], other=0.0)
+            g_cos = tl.load(coef_ptr + row * 2, mask=i_in, other=0.0)
+            z_max = tl.load(stats_ptr + row * 4 + 1, mask=i_in, other=0.0)
+            z_sum = tl.load(stats_ptr + row * 4 + 2, mask=i_in, other=1.0)
+            z = tl.load(s_val_ptr + slot, mask=i_in, other=0.0).to(tl.float32)
+            w = tl.exp(tl.div_rn(z - z_max, temperature)) / z_sum
+            if WRITE_DE:
+                acc += tl.where(i_in, g_cos * w, 0.0)[:, :, None] * g
+            if WRITE_DZ:
+                s = tl.sum(g * e_v[:, None, :], 2)
+                if not FIRST:
+                    s += tl.load(s_ptr + pos, mask=i_in, other=0.0)
+                if LAST:
+                    y = tl.load(labels_ptr + row, mask=i_in, other=-1)
+                    lse = tl.load(stats_ptr + row * 4, mask=i_in, other=0.0)
+                    g_ce = tl.load(grad_ce_ptr + row, mask=i_in, other=0.0)
+                    s_bar = tl.load(coef_ptr + row * 2 + 1, mask=i_in, other=0.0)
+                    dz = g_ce * (tl.exp(z - lse) - tl.where(v[:, None] == y, 1.0, 0.0))
+                    dz += g_cos / temperature * w * (s - s_bar)
+                    # a row with NaN was written whole by backward_rows_kernel
+                    tl.store(dlogits_ptr + row * out_stride + v[:, None], dz.to(dlogits_ptr.dtype.element_ty),
+                             mask=i_in & (lse == lse))
+                else:
+                    tl.store(s_ptr + pos, s, mask=i_in)
     if WRITE_DE:
-        d_sum = tl.zeros([VB], tl.float32)
-        for j0 in range(0, tl.max(t_end - t_start, 0), BE):
-            j = t_start[:, None] + j0 + tl.arange(0, BE)[None, :]
-            j_in = j < t_end[:, None]
-            row = tl.load(perm_ptr + j, mask=j_in, other=NK) - NK
-            coef_mu = tl.load(coef_ptr + row * 4 + 1, mask=j_in, other=0.0)
-            coef_e = tl.load(coef_ptr + row * 4 + 2, mask=j_in, other=0.0)
-            mu = tl.load(mu_ptr + row[:, :, None] * H + h[None, None, :], mask=j_in[:, :, None] & h_in[None, None, :],
-                         other=0.0)
-            acc += coef_mu[:, :, None] * mu
-            d_sum += tl.sum(coef_e, 1)
-        out = tl.sum(acc, 1) + d_sum[:, None] * e_v
+        t_start = tl.load(t_offsets_ptr + v, mask=v_in, other=0)
+        t_end = tl.load(t_offsets_ptr + v + 1, mask=v_in, other=0)
+        for i0 in range(0, tl.max(t_end - t_start, 0), BE):
+            i = t_start[:, None] + i0 + tl.arange(0, BE)[None, :]
+            i_in = i < t_end[:, None]
+            row = tl.load(t_rows_ptr + i, mask=i_in, other=0).to(tl.int64)
+            acc += tl.load(t_ptr + row[:, :, None] * chunk_stride + j[None, None, :],
+                           mask=i_in[:, :, None] & h_in[None, None, :], other=0.0)
+        out = tl.sum(acc, 1)
         if HAS_BASE:
             out += tl.load(base_ptr + v[:, None] * H + h[None, :], mask=vh, other=0.0)
         tl.store(demb_ptr + v[:, None] * H + h[None, :], out.to(demb_ptr.dtype.element_ty), mask=vh)

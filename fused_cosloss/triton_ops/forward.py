@@ -22,14 +22,15 @@ operation.
 MODE 0 skips the selection (no cosine term); MODE 2 finds the threshold over the whole
 row without writing S (the dense path for large K).
 
-``cosine_kernel``: mu = sum_S w_i E[i] in chunks of H ([BR, BK, BH] tiles of gathered
-embedding rows), e = E[y], and cos; saves mu (float32) and |mu|, |e|, mu . e.
+``cosine_kernel``: mu = sum_S w_i E[i] in chunks of H (gather.py), e = E[y], and cos; saves
+cos, |mu|, |e| and mu . e per row, not mu itself (the backward recomputes it by chunks).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .gather import expected_embedding
 from .select import compact, radix_bound_registers, radix_kth, sort_key
 
 EPS = tl.constexpr(1e-12)
@@ -157,7 +158,7 @@ def row_stats_kernel(
 
 @triton.jit
 def cosine_kernel(
-    emb_ptr, labels_ptr, stats_ptr, s_idx_ptr, s_val_ptr, mu_ptr, cstats_ptr,
+    emb_ptr, labels_ptr, stats_ptr, s_idx_ptr, s_val_ptr, cstats_ptr,
     N, K, H, ignore_index, temperature,
     BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
 ):
@@ -174,30 +175,16 @@ def cosine_kernel(
         lse = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
         z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
         z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=valid, other=1.0)
-        ks = tl.arange(0, BK)
-        hs = tl.arange(0, BH)
         dot_vec = tl.zeros([BR, BH], tl.float32)
         mu2_vec = tl.zeros([BR, BH], tl.float32)
         e2_vec = tl.zeros([BR, BH], tl.float32)
         e_rows = emb_ptr + tl.where(valid, y, 0) * H
         for h0 in range(0, H, BH):
-            h = h0 + hs
+            h = h0 + tl.arange(0, BH)
             h_in = h < H
-            acc = tl.zeros([BR, BK, BH], tl.float32)
-            for k0 in range(0, K, BK):
-                k = k0 + ks
-                in_s = valid[:, None] & (k < K)[None, :]
-                vocab = tl.load(s_idx_ptr + rows64[:, None] * K + k[None, :], mask=in_s, other=0)
-                z = tl.load(s_val_ptr + rows64[:, None] * K + k[None, :], mask=in_s, other=0.0).to(tl.float32)
-                w = tl.exp(tl.div_rn(z - z_max[:, None], temperature)) / z_sum[:, None]
-                w = tl.where(in_s, w, 0.0)
-                gathered = tl.load(emb_ptr + tl.cast(vocab, tl.int64)[:, :, None] * H + h[None, None, :],
-                                   mask=in_s[:, :, None] & h_in[None, None, :], other=0.0)
-                acc += w[:, :, None] * gathered.to(tl.float32)
-            mu = tl.sum(acc, 1)
-            both = valid[:, None] & h_in[None, :]
-            e = tl.load(e_rows[:, None] + h[None, :], mask=both, other=0.0).to(tl.float32)
-            tl.store(mu_ptr + rows64[:, None] * H + h[None, :], mu, mask=both)
+            mu = expected_embedding(emb_ptr, s_idx_ptr, s_val_ptr, rows64, valid, z_max, z_sum, K, H, h, h_in,
+                                    temperature, BR=BR, BK=BK, BH=BH)
+            e = tl.load(e_rows[:, None] + h[None, :], mask=valid[:, None] & h_in[None, :], other=0.0).to(tl.float32)
             dot_vec += mu * e
             mu2_vec += mu * mu
             e2_vec += e * e
