@@ -100,8 +100,9 @@ def header_text(result: dict) -> list[str]:
         "on these inputs (WRONG rows are not timed).",
         "speedup: against seed-style for the mixed loss, against ce-torch (F.cross_entropy) for the ce-* rows "
         "(alpha=0); same N and mode.",
-        "fwd: forward with inputs requiring grad (as in training); extra MB: peak memory above the inputs, "
-        "less the gradients (fwd+bwd).",
+        "fwd: forward with inputs requiring grad (as in training); the package's logits rows (native, triton) and "
+        "Liger's CE compute the gradient there (grad_in_forward), so their fwd includes it; extra MB: peak "
+        "memory above the inputs, less the gradients (fwd+bwd).",
     ]
     if meta.get("cpu_peak_memory_unavailable"):
         lines.append(f"memory not measured: {meta['cpu_peak_memory_unavailable']}")

@@ -1,6 +1,8 @@
-"""The autograd Function shared by the kernel backends (native C++, Triton).
+"""The autograd Functions shared by the kernel backends (native C++, Triton): ``KernelRows``
+(per-position outputs, the backward in the backward) and ``KernelLoss`` (a reduced loss with
+its gradient computed in the forward: ``grad_in_forward``).
 
-A kernel backend is a module with three functions; ``k`` is already min(topk, V):
+A kernel backend is a module with these functions; ``k`` is already min(topk, V):
 
 ``unavailable_reason(logits, embedding) -> str | None``
     Why it cannot run on these tensors (device, dtype, missing build), or None.
@@ -17,6 +19,10 @@ A kernel backend is a module with three functions; ``k`` is already min(topk, V)
     not needed. ``inplace``: the logits gradient is written over ``logits`` (and that
     tensor returned). ``embedding_grad_out``: a float32 ``[V, H]`` tensor the embedding
     gradient is added to (None is returned for it).
+``forward_backward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos,``
+``grad_ce, grad_cos, need_logits_grad, need_embedding_grad, inplace=False)``
+    Optional: ``-> (ce, cos, correct, dlogits, dembedding)``, both at once, for a backend
+    that can write the gradient in the pass that reads the logits (Triton).
 ``fake_forward_rows(...)`` (same arguments as ``forward_rows``)
     Empty tensors of the shapes, dtypes and devices ``forward_rows`` returns, for the
     ``torch.compile`` path: there the backend runs as the custom ops of ``_custom_ops.py``
@@ -28,6 +34,8 @@ and ``embedding [V, H]``, both contiguous.
 from __future__ import annotations
 
 import torch
+
+from ._loss_terms import loss_coefficients, loss_rows
 
 
 class KernelRows(torch.autograd.Function):
@@ -70,4 +78,81 @@ def kernel_rows(ops, logits, labels, embedding, temperature, k, ignore_index, wi
     return KernelRows.apply(
         logits, embedding, labels, ops, float(temperature), int(k), int(ignore_index), bool(with_cos),
         bool(inplace_grad),
+    )
+
+
+class KernelLoss(torch.autograd.Function):
+    """(loss, ce, cos, correct) from a kernel backend with the gradients of the reduced loss
+    (mean or sum) computed in the forward, as Liger-Kernel's cross-entropy does: the
+    per-position coefficients are known there ((1 - alpha) on ce_n, -alpha on cos_n, times
+    1 / N_valid for the mean), so a backend with ``forward_backward_rows`` writes the logits
+    gradient while it reads the logits, and nothing is saved for the backward; the backward
+    only scales the gradients by the incoming one (when it is not 1). Other backends run
+    ``forward_rows`` then ``backward_rows``.
+
+    ``ce`` and ``cos`` (per position) are outputs for the parts and metrics: a gradient
+    arriving through them is refused, since the forward computed the gradient of ``loss``."""
+
+    @staticmethod
+    def forward(ctx, logits, embedding, labels, ops, temperature, k, ignore_index, with_cos, alpha, reduction,
+                inplace_grad):
+        ctx.set_materialize_grads(False)
+        valid = labels != ignore_index
+        coef_ce, coef_cos, scale = loss_coefficients(valid, alpha, reduction, torch.float32)
+        need_logits, need_embedding = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and with_cos
+        run = getattr(ops, "forward_backward_rows", None) or _forward_then_backward(ops)
+        ce, cos, correct, dlogits, dembedding = run(
+            logits, labels, embedding, temperature, k, ignore_index, with_cos, coef_ce, coef_cos,
+            need_logits, need_embedding, inplace=inplace_grad)
+        if inplace_grad and dlogits is not None:
+            # the logits now hold their gradient: any other use autograd saved of them must fail loudly
+            torch.autograd.graph.increment_version(dlogits)
+        ctx.mark_non_differentiable(correct)
+        ctx.gradients = (dlogits, dembedding)
+        loss = loss_rows(ce, cos, valid, alpha)[1].sum() * scale
+        return loss, ce, cos, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ce, grad_cos, _grad_correct):
+        if grad_ce is not None or grad_cos is not None:
+            raise RuntimeError(
+                "mixed_loss: with grad_in_forward the gradient is computed in the forward for the loss only, so its "
+                ".ce and .cos parts cannot be differentiated; pass grad_in_forward=False to differentiate the parts")
+        if ctx.gradients is None:
+            raise RuntimeError("mixed_loss: the gradient computed in the forward (grad_in_forward) was already used by "
+                               "an earlier backward; pass grad_in_forward=False to run the backward more than once")
+        (dlogits, dembedding), ctx.gradients = ctx.gradients, None  # handed over: autograd may keep them as .grad
+        if grad_loss is None:
+            return (None,) * 11
+        return _scaled(dlogits, grad_loss), _scaled(dembedding, grad_loss), *(None,) * 9
+
+
+def _forward_then_backward(ops):
+    def run(logits, labels, embedding, temperature, k, ignore_index, with_cos, grad_ce, grad_cos,
+            need_logits_grad, need_embedding_grad, inplace=False):
+        ce, cos, correct, saved = ops.forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos)
+        dlogits, dembedding = ops.backward_rows(
+            logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+            need_logits_grad, need_embedding_grad, inplace=inplace)
+        return ce, cos, correct, dlogits, dembedding
+
+    return run
+
+
+def _scaled(gradient, grad_loss):
+    """gradient * grad_loss, in place; skipped (a device sync decides) when grad_loss is 1, as after
+    ``loss.backward()``."""
+    if gradient is None or bool(grad_loss == 1):
+        return gradient
+    return gradient.mul_(grad_loss)
+
+
+def kernel_loss(ops, logits, labels, embedding, temperature, k, ignore_index, with_cos, alpha, reduction,
+                inplace_grad=False):
+    """``(loss, ce, cos, correct)`` of a kernel backend on ``logits [N, V]`` with the gradient of the
+    reduced loss computed in the forward (see KernelLoss)."""
+    logits, labels, embedding = kernel_layouts(logits, labels, embedding)
+    return KernelLoss.apply(
+        logits, embedding, labels, ops, float(temperature), int(k), int(ignore_index), bool(with_cos), float(alpha),
+        reduction, bool(inplace_grad),
     )

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import loss_rows
+from ._loss_terms import loss_coefficients, loss_rows
 
 
 class LinearMixedLoss(torch.autograd.Function):
@@ -50,7 +50,7 @@ class LinearMixedLoss(torch.autograd.Function):
         grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], with_cos)
         ce, cos, correct = _row_outputs(hidden, n)
         valid = labels != ignore_index
-        coef_ce, coef_cos, scale = _loss_coefficients(valid, alpha, reduction, ce.dtype)
+        coef_ce, coef_cos, scale = loss_coefficients(valid, alpha, reduction, ce.dtype)
         buffer = _logits_buffer(hidden, weight, min(chunk, n))
         for start, end in _chunks(n, chunk):
             h, rows = hidden[start:end], slice(start, end)
@@ -81,19 +81,6 @@ class LinearMixedLoss(torch.autograd.Function):
         if grad_loss is None:
             return (None,) * 13
         return (*grads.in_input_dtypes(grad_loss), None, None, None, None, None, None, None, None, None)
-
-
-def _loss_coefficients(valid, alpha, reduction, dtype):
-    """Per-position d loss / d ce_n and d loss / d cos_n, and the reduction's scale (1 / N_valid for
-    the mean, a tensor: no device sync)."""
-    if reduction == "mean":
-        scale = 1.0 / valid.sum().clamp_min(1).to(dtype)
-    else:
-        scale = torch.ones((), device=valid.device, dtype=dtype)
-    zero = torch.zeros((), device=valid.device, dtype=dtype)
-    coef_ce = torch.where(valid, (1.0 - alpha) * scale, zero)
-    coef_cos = torch.where(valid, -alpha * scale, zero)
-    return coef_ce, coef_cos, scale
 
 
 class LinearMixedRows(torch.autograd.Function):

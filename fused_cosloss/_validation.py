@@ -34,6 +34,13 @@ def check_scalars(alpha, temperature, topk, reduction, backend) -> None:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
+def check_flag(name: str, value, optional: bool = False) -> None:
+    """A bool option (or None, when ``optional``)."""
+    if not isinstance(value, bool) and not (optional and value is None):
+        expected = "a bool or None" if optional else "a bool"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+
+
 def check_tensors(logits, labels, embedding, shift: bool) -> None:
     """Check types, dtypes, shapes and devices of the tensor arguments."""
     for name, value in (("logits", logits), ("labels", labels), ("embedding", embedding)):

@@ -7,8 +7,9 @@ import torch
 
 from . import backends
 from ._custom_ops import compiled_kernel_rows
-from ._kernel_function import kernel_rows
-from ._validation import check_label_range, check_scalars, check_tensors
+from ._kernel_function import kernel_loss, kernel_rows
+from ._loss_terms import loss_rows
+from ._validation import check_flag, check_label_range, check_scalars, check_tensors
 from .reference import reference_rows
 
 
@@ -43,6 +44,7 @@ def mixed_loss(
     backend: str = "auto",
     return_parts: bool = False,
     inplace_grad: bool = False,
+    grad_in_forward: bool | None = None,
 ):
     """The mixed loss of SPEC.md: ``alpha * (1 - cos_n) + (1 - alpha) * ce_n`` per position.
 
@@ -62,12 +64,23 @@ def mixed_loss(
             as Liger-Kernel's cross-entropy does. Use it when nothing reads the logits after
             the backward; autograd raises if something it saved still needs them. Not
             supported under ``torch.compile``.
+        grad_in_forward: compute the gradient of the reduced loss (``"mean"``/``"sum"``) in the
+            forward, as Liger-Kernel's cross-entropy does: the Triton kernel then writes it in
+            the pass that reads the logits, so they are read from device memory once, and
+            nothing is kept for the backward, which only scales it by the incoming gradient
+            (when that is not 1). The returned ``ce``/``cos`` parts are then for logging:
+            differentiating them raises. None (the default) turns it on with a kernel backend
+            when no parts are returned and a gradient is wanted; with ``inplace_grad`` the
+            logits are overwritten by the call itself. Ignored by the reference backend and
+            under ``torch.compile``.
 
     Returns:
         The loss (a scalar, or the per-position values for ``"none"``: 0 at ignored
         positions) in float32 (float64 for float64 logits), or a :class:`MixedLossOutput`.
     """
     check_scalars(alpha, temperature, topk, reduction, backend)
+    check_flag("inplace_grad", inplace_grad)
+    check_flag("grad_in_forward", grad_in_forward, optional=True)
     check_tensors(logits, labels, embedding, shift)
     vocab = logits.shape[-1]
     if vocab < 1:
@@ -76,12 +89,38 @@ def mixed_loss(
         labels = shift_labels(labels, ignore_index)
     check_label_range(labels, vocab, ignore_index)
 
-    ce_rows, cos_rows, correct = _rows(
-        logits.reshape(-1, vocab), labels.reshape(-1), embedding, temperature, topk, ignore_index,
-        with_cos=alpha > 0 or return_parts, backend=backend, inplace_grad=inplace_grad,
-    )
+    flat_logits, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
+    with_cos = alpha > 0 or return_parts
+    loss = None
+    if _grad_in_forward(grad_in_forward, reduction, return_parts, logits, embedding):
+        ops = backends.resolve(backend, flat_logits, embedding)
+        if ops is not None:
+            loss, ce_rows, cos_rows, correct = kernel_loss(
+                ops, flat_logits, flat_labels, embedding, temperature, _k(topk, vocab), ignore_index, with_cos, alpha,
+                reduction, inplace_grad)
+    if loss is None:
+        ce_rows, cos_rows, correct = _rows(flat_logits, flat_labels, embedding, temperature, topk, ignore_index,
+                                           with_cos=with_cos, backend=backend, inplace_grad=inplace_grad)
     return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
-                    reduction=reduction, shift=shift, return_parts=return_parts)
+                    reduction=reduction, shift=shift, return_parts=return_parts, loss=loss)
+
+
+def _grad_in_forward(option, reduction, return_parts, logits, embedding) -> bool:
+    """Whether this call computes the gradient in the forward (see ``mixed_loss``'s grad_in_forward)."""
+    if option is False:
+        return False
+    if option and reduction == "none":
+        raise ValueError("grad_in_forward: expected reduction 'mean' or 'sum' (a scalar loss whose gradient the "
+                         "forward can compute), got reduction='none'")
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled() or not (logits.requires_grad or embedding.requires_grad):
+        return False
+    return bool(option) or (reduction != "none" and not return_parts)
+
+
+def _k(topk, vocab: int) -> int:
+    return vocab if topk is None else min(topk, vocab)
 
 
 def assemble(ce_rows, cos_rows, correct, labels, *, alpha, ignore_index, reduction, shift, return_parts, loss=None):
@@ -106,12 +145,6 @@ def assemble(ce_rows, cos_rows, correct, labels, *, alpha, ignore_index, reducti
     )
 
 
-def loss_rows(ce_rows, cos_rows, valid, alpha):
-    """(1 - cos_n, alpha * (1 - cos_n) + (1 - alpha) * ce_n) per position, 0 distance where ignored."""
-    dist_rows = torch.where(valid, 1.0 - cos_rows, torch.zeros_like(cos_rows))
-    return dist_rows, alpha * dist_rows + (1.0 - alpha) * ce_rows
-
-
 def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """labels[..., t + 1] at position t and ignore_index at the last: the causal shift
     without copying the logits (their last position is simply ignored)."""
@@ -133,8 +166,7 @@ def _resolved_name(backend: str, logits_device, logits_dtype, embedding_device, 
 
 
 def _rows(logits, labels, embedding, temperature, topk, ignore_index, *, with_cos, backend, inplace_grad=False):
-    vocab = logits.shape[-1]
-    k = vocab if topk is None else min(topk, vocab)
+    k = _k(topk, logits.shape[-1])
     if torch.compiler.is_compiling():
         if inplace_grad:
             raise ValueError("inplace_grad: expected False under torch.compile (a traced graph may not write "

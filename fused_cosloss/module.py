@@ -53,16 +53,21 @@ class MixedLoss(_LossOptions):
         shift: bool = False,
         backend: str = "auto",
         inplace_grad: bool = False,
+        grad_in_forward: bool | None = None,
     ):
         super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend)
         self.inplace_grad = inplace_grad
+        self.grad_in_forward = grad_in_forward
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, return_parts: bool = False):
         return mixed_loss(logits, labels, embedding, return_parts=return_parts, inplace_grad=self.inplace_grad,
-                          **self._options())
+                          grad_in_forward=self.grad_in_forward, **self._options())
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", inplace_grad=True" if self.inplace_grad else "")
+        extra = ", inplace_grad=True" if self.inplace_grad else ""
+        if self.grad_in_forward is not None:
+            extra += f", grad_in_forward={self.grad_in_forward}"
+        return super().extra_repr() + extra
 
 
 class LinearMixedLoss(_LossOptions):

@@ -76,11 +76,12 @@ def _bench_tiles():
 ROW_TYPES = dict(
     logits_ptr="*bf16", stride_row="i32", labels_ptr="*i64", N="i32", V="i32", K="i32", C="i32", ignore_index="i32",
     temperature="fp32", ce_ptr="*fp32", correct_ptr="*i8", stats_ptr="*fp32", tie_ptr="*i32", s_idx_ptr="*i32",
-    s_val_ptr="*fp32", scratch_idx_ptr="*i32", scratch_val_ptr="*fp32",
+    s_val_ptr="*fp32", scratch_idx_ptr="*i32", scratch_val_ptr="*fp32", grad_ce_ptr="*fp32", grad_cos_ptr="*fp32",
+    dlogits_ptr="*bf16", out_stride="i32",
 )
 
 
-def _row_stats(mode: int, logits: str = "bf16"):
+def _row_stats(mode: int, logits: str = "bf16", grad: bool = False):
     import fused_cosloss.triton_ops as ops
     from fused_cosloss.triton_ops import forward
 
@@ -89,9 +90,9 @@ def _row_stats(mode: int, logits: str = "bf16"):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[logits]
     key16, npass = ops._key_constants(dtype)
     capacity = ops._capacity(TOPK)
-    types = dict(ROW_TYPES, logits_ptr=f"*{logits}", s_val_ptr=f"*{logits}")
-    constexprs = dict(MODE=mode, KEY16=key16, NPASS=npass, BR=1, BV=ops.row_kernel_lanes(VOCAB, TOPK, mode),
-                      BC=ops._scratch_block(capacity))
+    types = dict(ROW_TYPES, logits_ptr=f"*{logits}", s_val_ptr=f"*{logits}", dlogits_ptr=f"*{logits}")
+    constexprs = dict(MODE=mode, KEY16=key16, NPASS=npass, GRAD=grad, BR=1, BV=ops.row_kernel_lanes(VOCAB, TOPK, mode),
+                      BC=ops._scratch_block(capacity), BG=ops._row_block(VOCAB))
     options = ops.row_kernel_options(dtype, mode)
     return _source(forward.row_stats_kernel, types, constexprs), options
 
@@ -158,6 +159,9 @@ KERNELS = {
     "row_stats[sparse,fp32]": lambda: _row_stats(1, "fp32"),
     "row_stats[ce-only]": lambda: _row_stats(0),
     "row_stats[dense]": lambda: _row_stats(2),
+    "row_stats[sparse,bf16,gradient]": lambda: _row_stats(1, grad=True),
+    "row_stats[sparse,fp32,gradient]": lambda: _row_stats(1, "fp32", grad=True),
+    "row_stats[ce-only,gradient]": lambda: _row_stats(0, grad=True),
     "cosine": _cosine,
     "direction_chunk": _direction_chunk,
     "backward[cos]": lambda: _backward(True),

@@ -137,6 +137,29 @@ def test_extra_memory_at_the_benchmark_shape_is_under_5_percent(stubbed, inplace
     assert abs(forward_mode.peak - DOCUMENTED_FORWARD_BYTES) < 1e6
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["gradient", "inplace"])
+def test_extra_memory_with_the_gradient_in_the_forward(stubbed, inplace):
+    """forward_backward_rows (mixed_loss's grad_in_forward): one call, the backward's peak."""
+    ops = stubbed
+    logits = torch.empty(N, VOCAB, dtype=torch.bfloat16)
+    embedding = torch.empty(VOCAB, HIDDEN, dtype=torch.bfloat16)
+    labels = torch.randint(0, VOCAB, (N,))
+    grad_ce = torch.full((N,), 1.0 / N)
+    grad_cos = torch.full((N,), 0.5 / N)
+    PREEXISTING.clear()
+    PREEXISTING.update(t.untyped_storage().data_ptr() for t in (logits, embedding, labels, grad_ce, grad_cos))
+    mode = LiveBytes()
+    with mode:
+        outputs = ops.forward_backward_rows(logits, labels, embedding, 1.0, TOPK, -100, True, grad_ce, grad_cos,
+                                            True, True, inplace=inplace)
+    dlogits, demb = outputs[3], outputs[4]
+    assert (dlogits is logits) == inplace
+    extra = mode.peak - demb.nbytes - (0 if inplace else dlogits.nbytes)
+    print(f"\ngradient in the forward: peak {extra / 1e6:.1f} MB ({extra / LOGITS_BYTES:.2%} of the logits)")
+    assert extra <= 0.05 * LOGITS_BYTES
+    assert abs(extra - DOCUMENTED_BACKWARD_BYTES) < 1e6
+
+
 def test_live_bytes_counts_views_once_and_frees(stubbed):
     """The counter itself: a view shares its base's bytes, and freed tensors leave the count."""
     mode = LiveBytes()

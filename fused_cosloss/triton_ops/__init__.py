@@ -61,19 +61,18 @@ NUM_WARPS = dict(NW_ROW=8, NW_COS=4, NW_BWD=8)
 # 80 registers on sm_80 and spills (triton 3.9); the dense path is the slow path, so it may
 # take the registers it needs at one program per SM.
 DENSE_ROW_MAXNREG = 255
-# float32 logits take four radix passes, not two: at 8 warps the sparse row kernel stays at 128
-# registers and spills 24-32 bytes with triton 3.6 and 3.7; at 16 warps capped at 128 registers
-# it spills with none of 3.6 to 3.9 (uncapped, 3.8 holds it at 64 and spills 8 bytes on sm_90).
-FP32_SPARSE_ROW = dict(num_warps=16, maxnreg=128)
+# The sparse row kernel at 8 warps, with its register cap made explicit: left to ptxas, the cap
+# for two programs per SM (128) spilled 8-16 bytes with triton 3.7 (bf16 logits), and 3.8 held
+# it at 64 registers with the gradient pass and spilled 8 bytes on sm_80. float32 logits take
+# four radix passes instead of two and need more: at 168 registers (one program per SM) no
+# version from 3.6 to 3.9 spills; at 16 warps and 128, 3.6 spilled 8 bytes with the gradient pass.
+SPARSE_ROW_MAXNREG = {torch.float32: 168, torch.bfloat16: 128, torch.float16: 128}
 
 
 def row_kernel_options(dtype: torch.dtype, mode: int) -> dict:
     """Launch options (num_warps, maxnreg) of the forward row kernel for logits of this dtype in this mode."""
-    if mode == 2:
-        return dict(num_warps=NUM_WARPS["NW_ROW"], maxnreg=DENSE_ROW_MAXNREG)
-    if mode == 1 and dtype == torch.float32:
-        return dict(FP32_SPARSE_ROW)
-    return dict(num_warps=NUM_WARPS["NW_ROW"], maxnreg=None)
+    maxnreg = {0: None, 1: SPARSE_ROW_MAXNREG[dtype], 2: DENSE_ROW_MAXNREG}[mode]
+    return dict(num_warps=NUM_WARPS["NW_ROW"], maxnreg=maxnreg)
 
 
 def _interpreted() -> bool:
@@ -177,6 +176,37 @@ def _hidden_block(hidden: int, cap: int) -> int:
 
 
 def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos):
+    return _forward(logits, labels, embedding, temperature, k, ignore_index, with_cos)
+
+
+def forward_backward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos, grad_ce, grad_cos,
+                          need_logits_grad, need_embedding_grad, inplace=False):
+    """``forward_rows`` and ``backward_rows`` in one call, for a loss whose per-row coefficients
+    ``grad_ce`` / ``grad_cos`` are known in the forward (-> ce, cos, correct, dlogits, dembedding).
+    The row kernel writes the gradient outside S in its last pass over each row (read from
+    L2, just read), so the logits are read from device memory once, as Liger-Kernel's
+    cross-entropy does; the cosine term's share follows as in ``backward_rows``."""
+    n, vocab = logits.shape
+    if not need_logits_grad or n == 0 or (with_cos and k > SPARSE_MAX_K):
+        ce, cos, correct, saved = _forward(logits, labels, embedding, temperature, k, ignore_index, with_cos)
+        dlogits, demb = backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k,
+                                      ignore_index, with_cos, need_logits_grad, need_embedding_grad, inplace)
+        return ce, cos, correct, dlogits, demb
+    grad_ce = grad_ce.to(torch.float32).contiguous()
+    grad_cos = grad_cos.to(torch.float32).contiguous()
+    dlogits = logits if inplace else torch.empty(n, vocab, device=logits.device, dtype=logits.dtype)
+    ce, cos, correct, saved = _forward(logits, labels, embedding, temperature, k, ignore_index, with_cos,
+                                       gradient=(grad_ce, grad_cos, dlogits))
+    demb = None
+    if with_cos:
+        demb = _cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index,
+                                dlogits, need_embedding_grad, None)
+    return ce, cos, correct, dlogits, demb
+
+
+def _forward(logits, labels, embedding, temperature, k, ignore_index, with_cos, gradient=None):
+    """forward_rows; with ``gradient = (grad_ce, grad_cos, dlogits)`` the row kernel also writes
+    the logits gradient outside S into ``dlogits`` (which may be the logits)."""
     n, vocab = logits.shape
     hidden = embedding.shape[1]
     device = logits.device
@@ -205,11 +235,13 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
     else:
         scratch_idx, scratch_val = _empty(device, torch.int32), _empty(device)
     key16, npass = _key_constants(logits.dtype)
+    grad_ce, grad_cos, dlogits = gradient if gradient is not None else (_empty(device),) * 3
     row_stats_kernel[(programs,)](
         logits, logits.stride(0), labels, n, vocab, k, capacity, ignore_index, float(temperature),
         ce, correct, stats, tie, s_idx, s_val, scratch_idx, scratch_val,
-        MODE=mode, KEY16=key16, NPASS=npass, BR=rows, BV=row_kernel_lanes(vocab, k, mode),
-        BC=_scratch_block(capacity), **row_kernel_options(logits.dtype, mode),
+        grad_ce, grad_cos, dlogits, dlogits.stride(0) if gradient is not None else 0,
+        MODE=mode, KEY16=key16, NPASS=npass, GRAD=gradient is not None, BR=rows, BV=row_kernel_lanes(vocab, k, mode),
+        BC=_scratch_block(capacity), BG=_row_block(vocab), **row_kernel_options(logits.dtype, mode),
     )
     del scratch_idx, scratch_val
     if sparse and _index_dtype(vocab) != torch.int32:

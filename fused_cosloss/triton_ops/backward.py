@@ -11,7 +11,8 @@ with ``a = 1 / (max(|mu|, eps) max(|e|, eps))`` and ``b = -cos / |mu|^2`` (0 whe
 the clamp has no gradient there), i.e. g = d cos / d mu of the SPEC, and likewise
 d cos / d e = a * mu + d * e with ``d = -cos / |e|^2``.
 
-``backward_rows_kernel`` writes dz_v for every v outside S (membership is the elementwise
+``backward_rows_kernel`` (``write_outside_s``; the forward's row kernel calls it too, when it
+computes the gradient itself) writes dz_v for every v outside S (membership is the elementwise
 test ``z > t or (z == t and v <= tie_cut)`` saved by the forward), and for the whole row
 where the cosine term adds nothing (ignored rows, rows with NaN, ``grad_cos[n] == 0``).
 Each element is read and written by the same thread, and this is the backward's only read
@@ -89,29 +90,18 @@ def direction_chunk_kernel(
 
 
 @triton.jit
-def backward_rows_kernel(
-    logits_ptr, stride_row, labels_ptr, grad_ce_ptr, grad_cos_ptr, stats_ptr, tie_ptr, dlogits_ptr, out_stride,
-    N, V, ignore_index,
-    WITH_COS: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr,
-):
-    DT: tl.constexpr = dlogits_ptr.dtype.element_ty
-    rows64 = tl.cast(tl.program_id(0), tl.int64) * BR + tl.arange(0, BR)
-    row_in = rows64 < N
-    y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
-    valid = row_in & (y != ignore_index)
-    in_rows = logits_ptr + rows64 * stride_row
-    out_rows = dlogits_ptr + rows64 * out_stride
-    g_ce = tl.load(grad_ce_ptr + rows64, mask=valid, other=0.0)  # ignored rows: zero gradient
-    lse = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
-    t_val = tl.zeros([BR], tl.float32)
-    tie_cut = tl.zeros([BR], tl.int32) - 1
-    exclude = tl.zeros([BR], tl.int1)
-    if WITH_COS:
-        g_cos = tl.load(grad_cos_ptr + rows64, mask=valid, other=0.0)
-        # rows whose S the vocabulary pass writes; a row with NaN is written whole here (NaN)
-        exclude = valid & (lse == lse) & (g_cos != 0.0)
-        t_val = tl.load(stats_ptr + rows64 * 4 + 3, mask=exclude, other=0.0)
-        tie_cut = tl.load(tie_ptr + rows64, mask=exclude, other=-1)
+def cosine_rows(grad_cos_ptr, rows64, valid, lse):
+    """The rows whose S's gradient the vocabulary pass writes: valid, without NaN (such a row is
+    written whole, NaN, by the dense loop) and with a cosine weight."""
+    g_cos = tl.load(grad_cos_ptr + rows64, mask=valid, other=0.0)
+    return valid & (lse == lse) & (g_cos != 0.0)
+
+
+@triton.jit
+def write_outside_s(in_rows, out_rows, y, row_in, valid, g_ce, lse, exclude, t_val, tie_cut, V, BV: tl.constexpr):
+    """dz_v = g_ce (exp(z_v - lse) - [v == y]) for every v of the rows (``in_rows`` / ``out_rows``:
+    [BR] row pointers) except, in the rows ``exclude`` marks, the members of S
+    (``z > t_val or (z == t_val and v <= tie_cut)``). Ignored rows get zeros."""
     lanes = tl.arange(0, BV)
     for start in range(0, V, BV):
         offs = start + lanes
@@ -120,4 +110,28 @@ def backward_rows_kernel(
         tie_taken = (z == t_val[:, None]) & (offs[None, :] <= tie_cut[:, None])
         member = exclude[:, None] & ((z > t_val[:, None]) | tie_taken)
         dz = g_ce[:, None] * (tl.exp(z - lse[:, None]) - tl.where(offs[None, :] == y[:, None], 1.0, 0.0))
-        tl.store(out_rows[:, None] + offs[None, :], dz.to(DT), mask=row_in[:, None] & inside & ~member)
+        tl.store(out_rows[:, None] + offs[None, :], dz.to(out_rows.dtype.element_ty),
+                 mask=row_in[:, None] & inside & ~member)
+
+
+@triton.jit
+def backward_rows_kernel(
+    logits_ptr, stride_row, labels_ptr, grad_ce_ptr, grad_cos_ptr, stats_ptr, tie_ptr, dlogits_ptr, out_stride,
+    N, V, ignore_index,
+    WITH_COS: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr,
+):
+    rows64 = tl.cast(tl.program_id(0), tl.int64) * BR + tl.arange(0, BR)
+    row_in = rows64 < N
+    y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
+    valid = row_in & (y != ignore_index)
+    g_ce = tl.load(grad_ce_ptr + rows64, mask=valid, other=0.0)  # ignored rows: zero gradient
+    lse = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
+    t_val = tl.zeros([BR], tl.float32)
+    tie_cut = tl.zeros([BR], tl.int32) - 1
+    exclude = tl.zeros([BR], tl.int1)
+    if WITH_COS:
+        exclude = cosine_rows(grad_cos_ptr, rows64, valid, lse)
+        t_val = tl.load(stats_ptr + rows64 * 4 + 3, mask=exclude, other=0.0)
+        tie_cut = tl.load(tie_ptr + rows64, mask=exclude, other=-1)
+    write_outside_s(logits_ptr + rows64 * stride_row, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce, lse,
+                    exclude, t_val, tie_cut, V, BV)

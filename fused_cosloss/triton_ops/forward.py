@@ -20,7 +20,9 @@ operation.
   fallback rows with more than C candidates (adversarial rows, many -inf) redo the radix
            passes and the compaction over the whole row.
 MODE 0 skips the selection (no cosine term); MODE 2 finds the threshold over the whole
-row without writing S (the dense path for large K).
+row without writing S (the dense path for large K). With GRAD (the loss's gradient computed
+in the forward: ``forward_backward_rows``) a last pass over the row writes its gradient
+outside S, as backward_rows_kernel would, so the backward does not read the logits again.
 
 ``cosine_kernel``: mu = sum_S w_i E[i] in chunks of H (gather.py), e = E[y], and cos; saves
 cos, |mu|, |e| and mu . e per row, not mu itself (the backward recomputes it by chunks).
@@ -30,6 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .backward import cosine_rows, write_outside_s
 from .gather import expected_embedding
 from .select import compact, radix_bound_registers, radix_kth, sort_key
 
@@ -42,8 +45,9 @@ INT_BIG = tl.constexpr(2147483647)
 def row_stats_kernel(
     logits_ptr, stride_row, labels_ptr, N, V, K, C, ignore_index, temperature,
     ce_ptr, correct_ptr, stats_ptr, tie_ptr, s_idx_ptr, s_val_ptr, scratch_idx_ptr, scratch_val_ptr,
-    MODE: tl.constexpr, KEY16: tl.constexpr, NPASS: tl.constexpr,
-    BR: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
+    grad_ce_ptr, grad_cos_ptr, dlogits_ptr, out_stride,
+    MODE: tl.constexpr, KEY16: tl.constexpr, NPASS: tl.constexpr, GRAD: tl.constexpr,
+    BR: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, BG: tl.constexpr,
 ):
     DT: tl.constexpr = logits_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -152,8 +156,18 @@ def row_stats_kernel(
         tl.store(stats_ptr + rows64 * 4 + 2, z_sum, mask=row_in)
         tl.store(stats_ptr + rows64 * 4 + 3, t_val, mask=row_in)
         tl.store(tie_ptr + rows64, tie_cut, mask=row_in)
-        if MODE == 1:
-            tl.debug_barrier()  # every read of the scratch is done before the next block overwrites it
+        if GRAD:
+            # the gradient outside S, from the row again (from L2: it was just read); every other
+            # thread is done reading the row first, since the gradient may be written over it
+            tl.debug_barrier()
+            g_ce = tl.load(grad_ce_ptr + rows64, mask=valid, other=0.0)
+            exclude = tl.zeros([BR], tl.int1)
+            if MODE == 1:
+                exclude = cosine_rows(grad_cos_ptr, rows64, valid, lse)
+            write_outside_s(row_ptrs, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce, lse, exclude,
+                            t_val, tie_cut, V, BG)
+        if MODE == 1 or GRAD:
+            tl.debug_barrier()  # every read of the scratch (and of the row) is done before the next block
 
 
 @triton.jit

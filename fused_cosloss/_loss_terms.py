@@ -1,0 +1,24 @@
+"""The loss's per-position terms and their coefficients, shared by ``assemble`` and the
+autograd Functions that compute the gradient in the forward."""
+from __future__ import annotations
+
+import torch
+
+
+def loss_rows(ce_rows, cos_rows, valid, alpha):
+    """(1 - cos_n, alpha * (1 - cos_n) + (1 - alpha) * ce_n) per position, 0 distance where ignored."""
+    dist_rows = torch.where(valid, 1.0 - cos_rows, torch.zeros_like(cos_rows))
+    return dist_rows, alpha * dist_rows + (1.0 - alpha) * ce_rows
+
+
+def loss_coefficients(valid, alpha, reduction, dtype):
+    """Per-position d loss / d ce_n and d loss / d cos_n, and the reduction's scale (1 / N_valid for
+    the mean, a tensor: no device sync)."""
+    if reduction == "mean":
+        scale = 1.0 / valid.sum().clamp_min(1).to(dtype)
+    else:
+        scale = torch.ones((), device=valid.device, dtype=dtype)
+    zero = torch.zeros((), device=valid.device, dtype=dtype)
+    coef_ce = torch.where(valid, (1.0 - alpha) * scale, zero)
+    coef_cos = torch.where(valid, -alpha * scale, zero)
+    return coef_ce, coef_cos, scale
