@@ -220,7 +220,9 @@ class MixedLossForTrainer:
     def _loss(self, inputs, labels, embedding, **options):
         """mixed_loss on logits, or linear_mixed_loss on hidden states in the fused-linear mode."""
         if not self.fused_linear:
-            return mixed_loss(inputs, labels, embedding, **options)
+            # the Trainer divides the summed loss by num_items_in_batch: a gradient computed in the
+            # forward would take one more pass over the logits to be scaled by it in the backward
+            return mixed_loss(inputs, labels, embedding, grad_in_forward=False, **options)
         head = self._lm_head()
         tied = embedding is head.weight
         return linear_mixed_loss(inputs, head.weight, labels, embedding=None if tied else embedding, bias=head.bias,
