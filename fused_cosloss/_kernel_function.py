@@ -20,9 +20,10 @@ A kernel backend is a module with these functions; ``k`` is already min(topk, V)
     tensor returned). ``embedding_grad_out``: a float32 ``[V, H]`` tensor the embedding
     gradient is added to (None is returned for it).
 ``forward_backward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos,``
-``grad_ce, grad_cos, need_logits_grad, need_embedding_grad, inplace=False)``
+``grad_ce, grad_cos, need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None)``
     Optional: ``-> (ce, cos, correct, dlogits, dembedding)``, both at once, for a backend
-    that can write the gradient in the pass that reads the logits (Triton).
+    that can write the gradient in the pass that reads the logits (Triton); ``forward_backward``
+    composes it from the other two for the rest.
 ``fake_forward_rows(...)`` (same arguments as ``forward_rows``)
     Empty tensors of the shapes, dtypes and devices ``forward_rows`` returns, for the
     ``torch.compile`` path: there the backend runs as the custom ops of ``_custom_ops.py``
@@ -100,8 +101,7 @@ class KernelLoss(torch.autograd.Function):
         valid = labels != ignore_index
         coef_ce, coef_cos, scale = loss_coefficients(valid, alpha, reduction, torch.float32)
         need_logits, need_embedding = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and with_cos
-        run = getattr(ops, "forward_backward_rows", None) or _forward_then_backward(ops)
-        ce, cos, correct, dlogits, dembedding = run(
+        ce, cos, correct, dlogits, dembedding = forward_backward(ops)(
             logits, labels, embedding, temperature, k, ignore_index, with_cos, coef_ce, coef_cos,
             need_logits, need_embedding, inplace=inplace_grad)
         if inplace_grad and dlogits is not None:
@@ -127,13 +127,18 @@ class KernelLoss(torch.autograd.Function):
         return _scaled(dlogits, grad_loss), _scaled(dembedding, grad_loss), *(None,) * 9
 
 
-def _forward_then_backward(ops):
+def forward_backward(ops):
+    """The backend's ``forward_backward_rows``, or ``forward_rows`` then ``backward_rows``."""
+    fused = getattr(ops, "forward_backward_rows", None)
+    if fused is not None:
+        return fused
+
     def run(logits, labels, embedding, temperature, k, ignore_index, with_cos, grad_ce, grad_cos,
-            need_logits_grad, need_embedding_grad, inplace=False):
+            need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
         ce, cos, correct, saved = ops.forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos)
         dlogits, dembedding = ops.backward_rows(
             logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
-            need_logits_grad, need_embedding_grad, inplace=inplace)
+            need_logits_grad, need_embedding_grad, inplace=inplace, embedding_grad_out=embedding_grad_out)
         return ce, cos, correct, dlogits, dembedding
 
     return run

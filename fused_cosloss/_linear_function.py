@@ -5,7 +5,8 @@ one chunk of logits at a time.
 gradients in the forward, as Liger-Kernel's fused linear cross-entropy does: the loss's
 per-position coefficients are known there ((1 - alpha) on ce_n, -alpha on cos_n, times
 1 / N_valid for the mean), so each chunk's logits gradient is written over the chunk's
-logits in place, turned into the hidden / weight / bias gradients at once and dropped;
+logits in place (by the Triton row kernel in the pass that reads them: ``forward_backward``),
+turned into the hidden / weight / bias gradients at once and dropped;
 the backward only scales them by the incoming gradient. Nothing per position is kept.
 
 ``LinearMixedRows`` (per-position outputs, ``reduction="none"``, or no gradient) is the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from ._kernel_function import forward_backward
 from ._loss_terms import loss_coefficients, loss_rows
 
 
@@ -55,15 +57,14 @@ class LinearMixedLoss(torch.autograd.Function):
         for start, end in _chunks(n, chunk):
             h, rows = hidden[start:end], slice(start, end)
             z = _chunk_logits(h, weight, bias, buffer)
-            ce[rows], cos[rows], correct[rows], saved = ops.forward_rows(
-                z, labels[rows], table, temperature, k, ignore_index, with_cos)
             if not (grads.need_logits or grads.need_table):
+                ce[rows], cos[rows], correct[rows], _ = ops.forward_rows(
+                    z, labels[rows], table, temperature, k, ignore_index, with_cos)
                 continue
             # the chunk's gradient over its logits, the embedding's added to its accumulator
-            dz, dtab = ops.backward_rows(
-                z, labels[rows], table, saved, coef_ce[rows], coef_cos[rows], temperature, k, ignore_index,
-                with_cos, grads.need_logits, grads.need_table, inplace=True,
-                embedding_grad_out=grads.float32_table())
+            ce[rows], cos[rows], correct[rows], dz, dtab = forward_backward(ops)(
+                z, labels[rows], table, temperature, k, ignore_index, with_cos, coef_ce[rows], coef_cos[rows],
+                grads.need_logits, grads.need_table, inplace=True, embedding_grad_out=grads.float32_table())
             grads.add_chunk(dz, dtab, h, weight, rows)
         loss = loss_rows(ce, cos, valid, alpha)[1].sum() * scale
         ctx.mark_non_differentiable(correct)

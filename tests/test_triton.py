@@ -177,6 +177,14 @@ def test_vocabulary_above_32768_with_int16_indices(interpret, gen):
     _agree(logits, labels, embedding, topk=5, temperature=0.7)
 
 
+def test_vocabulary_above_65536_with_int32_indices(interpret, gen):
+    """Past V = 65536 S's indices stay int32: indices above 65535 through both gradients."""
+    logits, labels, embedding = make_inputs(gen, 3, 70000, 4, ignore_frac=0.0)
+    logits[:, 69990:] += 8.0
+    labels[:2] = torch.tensor([69995, 66000])
+    _agree(logits, labels, embedding, topk=4, temperature=0.7)
+
+
 @pytest.mark.parametrize("vocab", [13, 40000], ids=["small", "int16-wraps"])
 def test_grouped_entries_are_sorted_by_vocabulary_row_then_row(ops, gen, vocab):
     """The host-side grouping of S's entries: each piece's segment of v lists the positions

@@ -180,7 +180,7 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
 
 
 def forward_backward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos, grad_ce, grad_cos,
-                          need_logits_grad, need_embedding_grad, inplace=False):
+                          need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
     """``forward_rows`` and ``backward_rows`` in one call, for a loss whose per-row coefficients
     ``grad_ce`` / ``grad_cos`` are known in the forward (-> ce, cos, correct, dlogits, dembedding).
     The row kernel writes the gradient outside S in its last pass over each row (read from
@@ -190,7 +190,8 @@ def forward_backward_rows(logits, labels, embedding, temperature, k, ignore_inde
     if not need_logits_grad or n == 0 or (with_cos and k > SPARSE_MAX_K):
         ce, cos, correct, saved = _forward(logits, labels, embedding, temperature, k, ignore_index, with_cos)
         dlogits, demb = backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k,
-                                      ignore_index, with_cos, need_logits_grad, need_embedding_grad, inplace)
+                                      ignore_index, with_cos, need_logits_grad, need_embedding_grad, inplace,
+                                      embedding_grad_out)
         return ce, cos, correct, dlogits, demb
     grad_ce = grad_ce.to(torch.float32).contiguous()
     grad_cos = grad_cos.to(torch.float32).contiguous()
@@ -200,7 +201,7 @@ def forward_backward_rows(logits, labels, embedding, temperature, k, ignore_inde
     demb = None
     if with_cos:
         demb = _cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index,
-                                dlogits, need_embedding_grad, None)
+                                dlogits, need_embedding_grad, embedding_grad_out)
     return ce, cos, correct, dlogits, demb
 
 
