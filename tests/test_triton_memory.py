@@ -172,3 +172,29 @@ def test_live_bytes_counts_views_once_and_frees(stubbed):
         assert mode.current == 4500  # b still holds the storage
         del b, c
     assert mode.current == 0 and mode.peak == 4500
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["grad-in-forward", "backward"])
+def test_cuda_peak_memory_at_the_benchmark_shape(grad_in_forward):
+    """The same bound measured by the CUDA caching allocator: peak above the inputs, less the
+    two gradients, through mixed_loss's forward and backward."""
+    from conftest import backend_or_skip
+
+    backend_or_skip("triton", "cuda")
+    from fused_cosloss import mixed_loss
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(N, VOCAB, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(3.0).requires_grad_()
+    embedding = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    labels = torch.randint(0, VOCAB, (N,), device="cuda", generator=gen)
+    mixed_loss(logits, labels, embedding, topk=TOPK, grad_in_forward=grad_in_forward).backward()  # warm-up
+    logits.grad = embedding.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    mixed_loss(logits, labels, embedding, topk=TOPK, grad_in_forward=grad_in_forward).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - logits.grad.nbytes - embedding.grad.nbytes
+    print(f"\nCUDA peak extra {extra / 1e6:.1f} MB ({extra / LOGITS_BYTES:.2%} of the logits)")
+    assert extra <= 0.05 * LOGITS_BYTES
