@@ -102,16 +102,25 @@ def stubbed(monkeypatch):
     return ops
 
 
-@pytest.mark.parametrize("inplace", [False, True], ids=["gradient", "inplace"])
-def test_extra_memory_at_the_benchmark_shape_is_under_5_percent(stubbed, inplace):
-    ops = stubbed
+@pytest.fixture
+def bench_inputs():
+    """Logits, embedding, labels and per-row coefficients at the benchmark shape (never touched:
+    the kernels do not run), registered as the inputs the count leaves out."""
     logits = torch.empty(N, VOCAB, dtype=torch.bfloat16)
     embedding = torch.empty(VOCAB, HIDDEN, dtype=torch.bfloat16)
     labels = torch.randint(0, VOCAB, (N,))
     grad_ce = torch.full((N,), 1.0 / N)
     grad_cos = torch.full((N,), 0.5 / N)
+    inputs = (logits, embedding, labels, grad_ce, grad_cos)
     PREEXISTING.clear()
-    PREEXISTING.update(t.untyped_storage().data_ptr() for t in (logits, embedding, labels, grad_ce, grad_cos))
+    PREEXISTING.update(t.untyped_storage().data_ptr() for t in inputs)
+    return inputs
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["gradient", "inplace"])
+def test_extra_memory_at_the_benchmark_shape_is_under_5_percent(stubbed, bench_inputs, inplace):
+    ops = stubbed
+    logits, embedding, labels, grad_ce, grad_cos = bench_inputs
 
     forward_mode = LiveBytes()
     with forward_mode:
@@ -138,16 +147,10 @@ def test_extra_memory_at_the_benchmark_shape_is_under_5_percent(stubbed, inplace
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["gradient", "inplace"])
-def test_extra_memory_with_the_gradient_in_the_forward(stubbed, inplace):
+def test_extra_memory_with_the_gradient_in_the_forward(stubbed, bench_inputs, inplace):
     """forward_backward_rows (mixed_loss's grad_in_forward): one call, the backward's peak."""
     ops = stubbed
-    logits = torch.empty(N, VOCAB, dtype=torch.bfloat16)
-    embedding = torch.empty(VOCAB, HIDDEN, dtype=torch.bfloat16)
-    labels = torch.randint(0, VOCAB, (N,))
-    grad_ce = torch.full((N,), 1.0 / N)
-    grad_cos = torch.full((N,), 0.5 / N)
-    PREEXISTING.clear()
-    PREEXISTING.update(t.untyped_storage().data_ptr() for t in (logits, embedding, labels, grad_ce, grad_cos))
+    logits, embedding, labels, grad_ce, grad_cos = bench_inputs
     mode = LiveBytes()
     with mode:
         outputs = ops.forward_backward_rows(logits, labels, embedding, 1.0, TOPK, -100, True, grad_ce, grad_cos,
