@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs first, in three stages (GPU time is short: each
+# What a session with a lent GPU runs first, in stages (GPU time is short: each
 # device stage fits one 10-minute command and writes what it measured to $OUT).
 #
 #   bash bench/gpu_session.sh wheels   # here, before asking for the GPU: the comparators'
@@ -7,12 +7,13 @@
 #   bash bench/gpu_session.sh tests    # on the GPU (device tool, carry [".whl"]): versions,
 #                                      # then every test marked gpu (triton-cuda, reference-cuda)
 #   bash bench/gpu_session.sh bench    # on the GPU: bench/run.py at the issues' shapes
+#   bash bench/gpu_session.sh stages   # on the GPU: bench/stages.py, the time of each Triton kernel
 #
 # The device image has torch, triton, transformers, pytest and hypothesis; the wheels add
 # what it lacks. Results land in $OUT (the device tool brings them back) or in
 # bench/results/ when OUT is unset; commit them with the device and versions they name.
 set -uo pipefail
-stage="${1:?usage: bash bench/gpu_session.sh wheels|tests|bench}"
+stage="${1:?usage: bash bench/gpu_session.sh wheels|tests|bench|stages}"
 out="${OUT:-bench/results}"
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
@@ -54,8 +55,17 @@ case "$stage" in
       --impl linear-triton,matmul+triton,ce-linear-triton,ce-liger-flce,ce-cce,ce-matmul-torch \
       --json "$out/cuda-linear.json" --markdown "$out/cuda-linear.md" --no-progress 2>&1 | tail -30
     ;;
+  stages)
+    mkdir -p "$out"
+    versions | tee "$out/versions.txt"
+    for path in grad-in-forward backward; do
+      timeout 120 "$py" bench/stages.py --path "$path" --json "$out/stages-$path.json" 2>&1 | tee "$out/stages-$path.txt"
+      timeout 60 "$py" bench/stages.py --path "$path" --alpha 0 --json "$out/stages-ce-$path.json" 2>&1 \
+        | tee "$out/stages-ce-$path.txt"
+    done
+    ;;
   *)
-    echo "unknown stage: $stage (wheels, tests or bench)" >&2
+    echo "unknown stage: $stage (wheels, tests, bench or stages)" >&2
     exit 2
     ;;
 esac

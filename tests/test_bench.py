@@ -117,3 +117,24 @@ def test_compare_flags_a_gradient_off_by_a_few_percent():
     result = compare(1.0, off, 1.0, ref, torch.float32)
     assert not result["passed"] and result["grad_err"]["logits"] == pytest.approx(0.05, rel=1e-3)
     assert not compare(float("nan"), ref, 1.0, ref, torch.float32)["passed"]
+
+
+@pytest.mark.parametrize("path", ["grad-in-forward", "backward"])
+def test_stage_times_run_under_the_interpreter(tmp_path, path):
+    """bench/stages.py (the per-kernel times a GPU session takes first) runs end to end: every
+    stage of the path is timed, and the JSON says so."""
+    pytest.importorskip("triton")
+    out = tmp_path / "stages.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "bench/stages.py", "--device", "cpu", "--tokens", "4", "--vocab", "64", "--hidden", "16",
+           "--topk", "4", "--repeats", "1", "--path", path, "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = {row["stage"]: row for row in json.loads(out.read_text())["stages"]}
+    expected = {"row_stats_kernel", "cosine_kernel", "direction_chunk_kernel", "embedding_grad_kernel",
+                "_grouped_entries", "_target_segments", "total"}
+    if path == "backward":
+        expected.add("backward_rows_kernel")
+    assert set(stages) == expected
+    assert all(row["median_ms"] > 0 for row in stages.values())
+    assert stages["total"]["median_ms"] >= max(row["median_ms"] for name, row in stages.items() if name != "total")
