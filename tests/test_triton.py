@@ -213,6 +213,25 @@ def test_grouped_entries_are_sorted_by_vocabulary_row_then_row(ops, gen, vocab):
         assert offsets[piece, -1] == sum(k for r in rows if used[r])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_tiles_under_the_interpreter(interpret, ops, monkeypatch, gen, dtype):
+    """The GPU's launch configuration (one row per program step, one vocabulary row per
+    program, 8-wide K blocks), which the other interpreter tests do not take, on a shape with
+    several K blocks, H chunks and pieces, both paths of the gradient."""
+    monkeypatch.setattr(ops, "INTERPRETER_TILES", False)
+    monkeypatch.setattr(ops, "HIDDEN_CHUNK", 16)
+    monkeypatch.setattr(ops, "PIECE_ENTRIES", 2 * 20)
+    assert ops._tiles(5, 20, 40)["BR"] == 1 and ops._vocab_tiles(16)["VB"] == 1
+    logits, labels, embedding = make_inputs(gen, 5, 70, 40, dtype=dtype, ties=dtype == torch.bfloat16)
+    _agree(logits, labels, embedding, topk=20, temperature=0.7)
+    z = logits.clone().requires_grad_(True)
+    mixed_loss(z, labels, embedding, backend="triton", topk=20, temperature=0.7).backward()
+    z_ref = logits.clone().requires_grad_(True)
+    mixed_loss(z_ref, labels, embedding, backend="reference", topk=20, temperature=0.7).backward()
+    assert_close_rel(z.grad, z_ref.grad, gradient_tolerance(dtype if dtype == torch.float32 else torch.bfloat16, 0.7),
+                     "dlogits (gradient in the forward)")
+
+
 def test_embedding_gradient_is_bitwise_deterministic(interpret, gen):
     logits, labels, embedding = make_inputs(gen, 12, 20, 6, ignore_frac=0.1)
     first = _run("triton", logits, labels, embedding, topk=8)[2]

@@ -55,6 +55,9 @@ DENSE_BLOCK_ELEMENTS = 1 << 22
 # Persistent row-kernel programs per SM: rows in flight re-read from L2 in the selection's second
 # pass (2 per SM x 132 SMs x ~100 KB per bfloat16 row of 50257 stays well inside an H100's 50 MB L2).
 PROGRAMS_PER_SM = 2
+# Under the interpreter the kernels take blocks of rows (its cost is per operation); False makes
+# them take the GPU's tiles there too (slow: for a test of the GPU configuration's code paths).
+INTERPRETER_TILES = True
 # Warps per program of each kernel.
 NUM_WARPS = dict(NW_ROW=8, NW_COS=4, NW_BWD=8)
 # Register cap of the row kernel's dense mode (k > SPARSE_MAX_K): left to ptxas it stays near
@@ -119,19 +122,19 @@ def _num_programs(n_blocks: int, device: torch.device) -> int:
 def _tiles(n: int, k: int, hidden: int) -> dict:
     """Tile sizes: one row per program step on a GPU; blocks of rows under the interpreter,
     whose cost is per operation rather than per element."""
-    if _interpreted():
+    if _interpreted() and INTERPRETER_TILES:
         rows = min(16, _next_pow2(n))
         block_h = min(64, max(16, _next_pow2(hidden)))
         block_k = min(256, max(16, _next_pow2(k)))
-        return dict(BR=rows, BK=block_k, BH=block_h, BK_BWD=block_k, **NUM_WARPS)
+        return dict(BR=rows, BK=block_k, BH=block_h, **NUM_WARPS)
     # register counts of these tiles (no spills) are checked by tests/test_triton_compile.py
-    return dict(BR=1, BK=8, BH=_hidden_block(hidden, 256), BK_BWD=256, **NUM_WARPS)
+    return dict(BR=1, BK=8, BH=_hidden_block(hidden, 256), **NUM_WARPS)
 
 
 def _vocab_tiles(chunk: int) -> dict:
     """The vocabulary pass holds a chunk of embedding row (BC >= C columns) and BE entries of a segment at a time."""
     padded = max(16, _next_pow2(chunk))
-    if _interpreted():
+    if _interpreted() and INTERPRETER_TILES:
         return dict(VB=64, BE=8, BC=padded, NW=4, MAXNREG=None)
     # left alone, ptxas holds it at 80 registers and spills 8 bytes at C = 512 (sm_80, triton 3.9)
     return dict(VB=1, BE=max(1, min(8, 2048 // padded)), BC=padded, NW=8, MAXNREG=128)
