@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ._loss_terms import loss_coefficients, loss_rows
+from ._loss_terms import loss_coefficients, reduced_loss
 
 
 class KernelRows(torch.autograd.Function):
@@ -109,7 +109,7 @@ class KernelLoss(torch.autograd.Function):
             torch.autograd.graph.increment_version(dlogits)
         ctx.mark_non_differentiable(correct)
         ctx.gradients = (dlogits, dembedding)
-        loss = loss_rows(ce, cos, valid, alpha)[1].sum() * scale
+        loss = reduced_loss(ce, cos, valid, alpha, scale)
         return loss, ce, cos, correct
 
     @staticmethod

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from ._kernel_function import forward_backward
-from ._loss_terms import loss_coefficients, loss_rows
+from ._loss_terms import loss_coefficients, reduced_loss
 
 
 class LinearMixedLoss(torch.autograd.Function):
@@ -66,7 +66,7 @@ class LinearMixedLoss(torch.autograd.Function):
                 z, labels[rows], table, temperature, k, ignore_index, with_cos, coef_ce[rows], coef_cos[rows],
                 grads.need_logits, grads.need_table, inplace=True, embedding_grad_out=grads.float32_table())
             grads.add_chunk(dz, dtab, h, weight, rows)
-        loss = loss_rows(ce, cos, valid, alpha)[1].sum() * scale
+        loss = reduced_loss(ce, cos, valid, alpha, scale)
         ctx.mark_non_differentiable(correct)
         ctx.gradients = grads
         return loss, ce, cos, correct

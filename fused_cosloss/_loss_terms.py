@@ -22,3 +22,9 @@ def loss_coefficients(valid, alpha, reduction, dtype):
     coef_ce = torch.where(valid, (1.0 - alpha) * scale, zero)
     coef_cos = torch.where(valid, -alpha * scale, zero)
     return coef_ce, coef_cos, scale
+
+
+def reduced_loss(ce_rows, cos_rows, valid, alpha, scale):
+    """The loss whose per-position coefficients ``loss_coefficients`` gave: the mixed rows summed,
+    times the reduction's ``scale``."""
+    return loss_rows(ce_rows, cos_rows, valid, alpha)[1].sum() * scale
