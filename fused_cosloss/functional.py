@@ -59,11 +59,12 @@ def mixed_loss(
         shift: causal-LM shift for ``[B, T, V]`` logits: position t predicts ``labels[:, t + 1]``.
         backend: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"``.
         return_parts: return a :class:`MixedLossOutput` instead of the loss alone.
-        inplace_grad: the backward writes the logits' gradient over the logits themselves
-            (their storage then holds the gradient; no second ``[N, V]`` tensor is allocated),
-            as Liger-Kernel's cross-entropy does. Use it when nothing reads the logits after
-            the backward; autograd raises if something it saved still needs them. Not
-            supported under ``torch.compile``.
+        inplace_grad: the logits' gradient is written over the logits themselves (their
+            storage then holds the gradient; no second ``[N, V]`` tensor is allocated), as
+            Liger-Kernel's cross-entropy does: by the backward, or by this call when
+            ``grad_in_forward`` applies. Use it when nothing reads the logits afterwards;
+            autograd raises if something it saved still needs them. Not supported under
+            ``torch.compile``.
         grad_in_forward: compute the gradient of the reduced loss (``"mean"``/``"sum"``) in the
             forward, as Liger-Kernel's cross-entropy does: the Triton kernel then writes it in
             the pass that reads the logits, so they are read from device memory once, and
