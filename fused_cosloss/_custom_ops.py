@@ -13,7 +13,7 @@
 fake (meta) implementations from each backend's ``fake_forward_rows`` (shapes and dtypes
 only), and an autograd registration that calls ``rows_backward``. ``backend`` names the
 kernel module (``"native"`` or ``"triton"``), never ``"auto"``: it is resolved before; the
-traced call names it with the version of its saved state's layout (``"triton/3"``,
+traced call names it with the version of its saved state's layout (``"triton/4"``,
 ``SAVED_LAYOUTS``), so that a compiled graph cached on disk by an earlier version of the
 package, whose saved state had another layout, is not reused (inductor's cache key holds the
 op's arguments, not its fake kernel).
@@ -31,7 +31,7 @@ from ._kernel_function import kernel_layouts
 
 
 # Bump a backend's number whenever its forward_rows changes the saved state's arity, shapes or dtypes.
-SAVED_LAYOUTS = {"native": 1, "triton": 3}
+SAVED_LAYOUTS = {"native": 2, "triton": 4}
 
 
 def _ops(backend: str):

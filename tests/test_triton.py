@@ -89,6 +89,20 @@ def test_dense_path_bfloat16_and_nan_row(interpret, ops, monkeypatch, gen):
     assert torch.isnan(dlogits[2]).all() and torch.isfinite(dlogits[torch.arange(6) != 2]).all()
 
 
+def test_dense_path_ignored_row_with_huge_embedding_adds_nothing(interpret, gen):
+    """An ignored row contributes exactly nothing to dE, even where its unused cosine
+    coefficients overflow (|E| ~ 1e15: 1 / (eps |e|) * e is inf, and 0 * inf would be NaN)."""
+    logits = torch.randn(2, 1100, generator=gen)
+    embedding = torch.randn(1100, 8, generator=gen, dtype=torch.float64).mul(1e15).float()
+    labels = torch.tensor([-100, 3])
+    _, dlogits, demb = _run("triton", logits, labels, embedding, topk=None)
+    _, dlogits_ref, demb_ref = _run("reference", logits, labels, embedding, topk=None)
+    assert torch.isfinite(demb).all() and torch.isfinite(dlogits).all()
+    assert torch.equal(dlogits[0], torch.zeros_like(dlogits[0]))
+    assert_close_rel(demb, demb_ref, gradient_tolerance(torch.float32, 1.0), "dembedding")
+    assert_close_rel(dlogits, dlogits_ref, gradient_tolerance(torch.float32, 1.0), "dlogits")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ties", [False, True])
 def test_rows_longer_than_a_block_of_lanes(interpret, ops, monkeypatch, gen, dtype, ties):

@@ -118,10 +118,10 @@ def _direction_chunk():
 
     tiles = _bench_tiles()
     types = dict(emb_ptr="*bf16", labels_ptr="*i64", s_idx_ptr="*i16", s_val_ptr="*bf16", stats_ptr="*fp32",
-                 cstats_ptr="*fp32", grad_cos_ptr="*fp32", coef_ptr="*fp32", g_ptr="*fp32",
+                 cstats_ptr="*fp32", grad_cos_ptr="*fp32", g_ptr="*fp32",
                  t_ptr="*fp32", N="i32", K="i32", H="i32", h0="i32", C="i32", ignore_index="i32",
                  temperature="fp32")
-    constexprs = dict(FIRST=True, WRITE_T=True, BR=1, BK=tiles["BK"],
+    constexprs = dict(WRITE_T=True, BR=1, BK=tiles["BK"],
                       BH=min(tiles["BH"], ops._next_pow2(_bench_chunk())))
     return _source(backward.direction_chunk_kernel, types, constexprs), tiles["NW_COS"]
 
@@ -138,20 +138,31 @@ def _backward(with_cos: bool):
     return _source(backward.backward_rows_kernel, types, constexprs), tiles["NW_BWD"]
 
 
-def _embedding_grad(chunk: int | None = None, last: bool = True):
+def _embedding_grad(chunk: int | None = None, first: bool = False):
     import fused_cosloss.triton_ops as ops
     from fused_cosloss.triton_ops import embedding_grad
 
     tiles = ops._vocab_tiles(chunk or _bench_chunk())
-    types = dict(demb_ptr="*bf16", base_ptr="*fp32", emb_ptr="*bf16", s_val_ptr="*bf16", dlogits_ptr="*bf16",
-                 out_stride="i32", entries_ptr="*i32", offsets_ptr="*i32", s_ptr="*fp32", PIECES="i32",
-                 PIECE_LEN="i32", K="i32", t_rows_ptr="*i64", t_offsets_ptr="*i64", g_ptr="*fp32",
-                 t_ptr="*fp32", chunk_stride="i32", labels_ptr="*i64", stats_ptr="*fp32", coef_ptr="*fp32",
-                 grad_ce_ptr="*fp32", V="i32", H="i32", h0="i32", C="i32", temperature="fp32")
-    constexprs = dict(FIRST=False, LAST=last, WRITE_DZ=True, WRITE_DE=True, HAS_BASE=False, VB=tiles["VB"],
+    types = dict(demb_ptr="*bf16", base_ptr="*fp32", emb_ptr="*bf16", s_val_ptr="*bf16", entries_ptr="*i32",
+                 offsets_ptr="*i32", s_ptr="*fp32", PIECES="i32", PIECE_LEN="i32", K="i32", t_rows_ptr="*i64",
+                 t_offsets_ptr="*i64", g_ptr="*fp32", t_ptr="*fp32", chunk_stride="i32", stats_ptr="*fp32",
+                 grad_cos_ptr="*fp32", V="i32", H="i32", h0="i32", C="i32", temperature="fp32")
+    constexprs = dict(FIRST=first, WRITE_S=True, WRITE_DE=True, HAS_BASE=False, VB=tiles["VB"],
                       BE=tiles["BE"], BC=tiles["BC"])
     return _source(embedding_grad.embedding_grad_kernel, types, constexprs), dict(num_warps=tiles["NW"],
                                                                                    maxnreg=tiles["MAXNREG"])
+
+
+def _selected_grad():
+    import fused_cosloss.triton_ops as ops
+    from fused_cosloss.triton_ops import backward
+
+    tiles = _bench_tiles()
+    types = dict(labels_ptr="*i64", s_idx_ptr="*i16", s_val_ptr="*bf16", s_dot_ptr="*fp32", stats_ptr="*fp32",
+                 grad_ce_ptr="*fp32", grad_cos_ptr="*fp32", dlogits_ptr="*bf16", out_stride="i32", N="i32",
+                 K="i32", ignore_index="i32", temperature="fp32")
+    constexprs = dict(BR=1, BK=ops._selected_block(TOPK))
+    return _source(backward.selected_grad_kernel, types, constexprs), tiles["NW_COS"]
 
 
 KERNELS = {
@@ -166,9 +177,10 @@ KERNELS = {
     "direction_chunk": _direction_chunk,
     "backward[cos]": lambda: _backward(True),
     "backward[ce-only]": lambda: _backward(False),
-    "vocabulary_pass[last chunk]": _embedding_grad,
-    "vocabulary_pass[middle chunk]": lambda: _embedding_grad(last=False),
+    "vocabulary_pass[first chunk]": lambda: _embedding_grad(first=True),
+    "vocabulary_pass[later chunk]": _embedding_grad,
     "vocabulary_pass[C=512]": lambda: _embedding_grad(512),
+    "selected_grad": _selected_grad,
 }
 
 

@@ -96,7 +96,7 @@ def stubbed(monkeypatch):
     import fused_cosloss.triton_ops as ops
 
     for name in ("row_stats_kernel", "cosine_kernel", "backward_rows_kernel", "direction_chunk_kernel",
-                 "embedding_grad_kernel"):
+                 "embedding_grad_kernel", "selected_grad_kernel"):
         monkeypatch.setattr(ops, name, _NoLaunch())
     monkeypatch.setattr(ops, "_num_programs", lambda blocks, device: min(blocks, PROGRAMS))
     return ops

@@ -13,8 +13,8 @@ docs/triton_kernel.md.
   Backward: ``backward_rows_kernel`` (the logits gradient outside S) -> the entries of S
   grouped by vocabulary row (``_grouped_entries``) -> per chunk of H columns,
   ``direction_chunk_kernel`` (mu recomputed, g = d cos / d mu) and ``embedding_grad_kernel``
-  (the vocabulary pass: s = E[v] . g and dE, no atomics; on the last chunk the logits
-  gradient on S).
+  (the vocabulary pass: s = E[v] . g summed over the chunks, and dE, no atomics) ->
+  ``selected_grad_kernel`` (s_bar = sum_S w s per row, the logits gradient on S).
 * dense path (``k > SPARSE_MAX_K``, e.g. ``topk=None`` on a real vocabulary): the row kernel
   finds the threshold of S, and the cosine term goes through matrix products with E in
   blocks of rows; extra memory: mu ``[N, H]`` float32 (saved), a few ``[rows, V]`` float32
@@ -29,7 +29,7 @@ import os
 import torch
 import triton
 
-from .backward import backward_rows_kernel, direction_chunk_kernel
+from .backward import backward_rows_kernel, direction_chunk_kernel, selected_grad_kernel
 from .embedding_grad import embedding_grad_kernel
 from .forward import cosine_kernel, row_stats_kernel
 
@@ -216,7 +216,8 @@ def _forward(logits, labels, embedding, temperature, k, ignore_index, with_cos, 
     device = logits.device
     ce = torch.empty(n, device=device, dtype=torch.float32)
     correct = torch.empty(n, device=device, dtype=torch.int8)
-    stats = torch.empty(n, 4, device=device, dtype=torch.float32)  # lse, row max, sum over S, threshold value
+    # log sum exp(z - max), row max, sum over S at temperature T (relative to the max), threshold value
+    stats = torch.empty(n, 4, device=device, dtype=torch.float32)
     tie = torch.empty(n, device=device, dtype=torch.int32)
     sparse = with_cos and k <= SPARSE_MAX_K
     mode = 0 if not with_cos else (1 if sparse else 2)
@@ -387,35 +388,47 @@ def _cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temper
     chunk = hidden_chunk(vocab, hidden, logits.element_size())
     chunks = list(range(0, hidden, chunk))
     write_dz = dlogits is not None
-    coef = torch.empty(n, 2, device=device, dtype=torch.float32)  # grad_cos, s_bar
     g = torch.empty(n, chunk, device=device, dtype=torch.float32)
     t = torch.empty(n, chunk, device=device, dtype=torch.float32) if want_demb else _empty(device)
-    # s accumulates over the chunks, in the entries' order
-    s_dot = torch.empty(n * k, device=device, dtype=torch.float32) if write_dz and len(chunks) > 1 else _empty(device)
+    # s = E[v] . g of S's entries, summed over the chunks, in S's [N, k] order
+    s_dot = torch.empty(n, k, device=device, dtype=torch.float32) if write_dz else _empty(device)
     demb = None
     if want_demb:
         demb = embedding_grad_out if embedding_grad_out is not None else torch.empty_like(embedding)
     tiles = _tiles(n, k, hidden)
     vtiles = _vocab_tiles(chunk)
     for index, h0 in enumerate(chunks):
-        first, last = index == 0, index == len(chunks) - 1
         direction_chunk_kernel[(triton.cdiv(n, tiles["BR"]),)](
-            embedding, labels, s_idx, s_val, stats, cstats, grad_cos, coef, g, t,
+            embedding, labels, s_idx, s_val, stats, cstats, grad_cos, g, t,
             n, k, hidden, h0, chunk, ignore_index, float(temperature),
-            FIRST=first, WRITE_T=want_demb, BR=tiles["BR"], BK=tiles["BK"], BH=min(tiles["BH"], _next_pow2(chunk)),
+            WRITE_T=want_demb, BR=tiles["BR"], BK=tiles["BK"], BH=min(tiles["BH"], _next_pow2(chunk)),
             num_warps=tiles["NW_COS"],
         )
         embedding_grad_kernel[(triton.cdiv(vocab, vtiles["VB"]),)](
             demb if want_demb else _empty(device, embedding.dtype),
             embedding_grad_out if embedding_grad_out is not None else _empty(device), embedding, s_val,
-            dlogits if write_dz else _empty(device, logits.dtype), dlogits.stride(0) if write_dz else 0,
             entries, offsets, s_dot, pieces, piece_len, k, t_rows, t_offsets,
-            g, t, chunk, labels, stats, coef, grad_ce,
+            g, t, chunk, stats, grad_cos,
             vocab, hidden, h0, chunk, float(temperature),
-            FIRST=first, LAST=last, WRITE_DZ=write_dz, WRITE_DE=want_demb, HAS_BASE=embedding_grad_out is not None,
+            FIRST=index == 0, WRITE_S=write_dz, WRITE_DE=want_demb, HAS_BASE=embedding_grad_out is not None,
             VB=vtiles["VB"], BE=vtiles["BE"], BC=vtiles["BC"], num_warps=vtiles["NW"], maxnreg=vtiles["MAXNREG"],
         )
+    del g, t
+    if write_dz:
+        selected_grad_kernel[(triton.cdiv(n, tiles["BR"]),)](
+            labels, s_idx, s_val, s_dot, stats, grad_ce, grad_cos, dlogits, dlogits.stride(0),
+            n, k, ignore_index, float(temperature),
+            BR=tiles["BR"], BK=_selected_block(k), num_warps=tiles["NW_COS"],
+        )
     return None if embedding_grad_out is not None else demb
+
+
+def _selected_block(k: int) -> int:
+    """Entries of S per step of selected_grad_kernel: the whole of S up to 1024 on a GPU (one
+    row per program), 64 under the interpreter's blocks of rows."""
+    if _interpreted() and INTERPRETER_TILES:
+        return min(64, max(16, _next_pow2(k)))
+    return min(1024, max(16, _next_pow2(k)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,16 +477,15 @@ def _dense_forward(logits, labels, embedding, stats, tie, temperature, ignore_in
 
 
 def _row_coefficients(cstats):
-    """a, b, d and s_bar per row, as _direction_coefficients in backward.py: g = a e + b mu,
-    d cos / d e = a mu + d e, s_bar = mu . g."""
+    """a, b and d per row, as _direction_coefficients in backward.py: g = a e + b mu,
+    d cos / d e = a mu + d e."""
     cos, norm_mu, norm_e = cstats[:, 0], cstats[:, 1], cstats[:, 2]
     nm_c, ne_c = norm_mu.clamp_min(EPS), norm_e.clamp_min(EPS)
     a = 1.0 / (nm_c * ne_c)
     zero = torch.zeros((), device=cstats.device)
     b = torch.where(norm_mu >= EPS, -cos / (nm_c * nm_c), zero)
     d = torch.where(norm_e >= EPS, -cos / (ne_c * ne_c), zero)
-    s_bar = a * cstats[:, 3] + b * norm_mu * norm_mu
-    return a, b, d, s_bar
+    return a, b, d
 
 
 def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, ignore_index,
@@ -484,7 +496,8 @@ def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, tempera
     table = _float_table(embedding)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0)
-    a, b, d, s_bar = _row_coefficients(cstats)
+    a, b, d = _row_coefficients(cstats)
+    rows_used = valid & (grad_cos != 0)
     dlogits = (logits if inplace else torch.empty_like(logits)) if need_logits_grad else None
     dtable = torch.zeros(vocab, embedding.shape[1], device=device, dtype=torch.float32) if want_demb else None
     for start, end in _dense_blocks(n, vocab):
@@ -492,12 +505,15 @@ def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, tempera
         z = logits[rows].float()
         w = _dense_weights(z, stats[rows], tie[rows], temperature, valid[rows])
         e = table.index_select(0, safe_labels[rows])
-        g = a[rows, None] * e + b[rows, None] * mu[rows]
+        # rows the cosine term does not reach contribute exactly nothing (their a, e may overflow)
+        g = torch.where(rows_used[rows, None], a[rows, None] * e + b[rows, None] * mu[rows], 0.0)
         if need_logits_grad:
             s = g @ table.T
-            dz = torch.exp(z - stats[rows, 0:1])
+            # s_bar from the same rounded s it is subtracted from (backward.py's docstring)
+            s_bar = (w * s).sum(1, keepdim=True)
+            dz = torch.exp((z - stats[rows, 1:2]) - stats[rows, 0:1])
             dz[torch.arange(end - start, device=device), safe_labels[rows]] -= 1.0
-            dz = grad_ce[rows, None] * dz + (grad_cos[rows, None] / temperature) * w * (s - s_bar[rows, None])
+            dz = grad_ce[rows, None] * dz + (grad_cos[rows, None] / temperature) * w * (s - s_bar)
             dlogits[rows] = torch.where(valid[rows, None], dz, torch.zeros((), device=device)).to(logits.dtype)
         if want_demb:
             # a NaN row poisons its own S only (as the sparse gather would), not every row of dE
@@ -508,7 +524,6 @@ def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, tempera
                 dtable[(w != 0).logical_or(torch.isnan(w))[nan_rows].any(0)] = float("nan")
     demb = None
     if want_demb:
-        rows_used = valid & (grad_cos != 0)
         e = table.index_select(0, safe_labels)
         t = grad_cos[:, None] * (a[:, None] * mu + d[:, None] * e)
         demb = _add_target_terms(embedding, labels, rows_used, t, dtable)
@@ -526,11 +541,11 @@ def _add_target_terms(embedding, labels, rows_used, t, base):
     vtiles = _vocab_tiles(chunk)
     for h0 in range(0, hidden, chunk):
         embedding_grad_kernel[(triton.cdiv(vocab, vtiles["VB"]),)](
-            demb, base, embedding, _empty(device), _empty(device), 0,
+            demb, base, embedding, _empty(device),
             _empty(device, torch.int32), _empty(device, torch.int32), _empty(device), 0, 0, 1, t_rows, t_offsets,
-            _empty(device), t[:, h0:], hidden, labels, _empty(device), _empty(device), _empty(device),
+            _empty(device), t[:, h0:], hidden, _empty(device), _empty(device),
             vocab, hidden, h0, chunk, 1.0,
-            FIRST=True, LAST=True, WRITE_DZ=False, WRITE_DE=True, HAS_BASE=True,
+            FIRST=True, WRITE_S=False, WRITE_DE=True, HAS_BASE=True,
             VB=vtiles["VB"], BE=vtiles["BE"], BC=vtiles["BC"], num_warps=vtiles["NW"], maxnreg=vtiles["MAXNREG"],
         )
     return demb

@@ -1,11 +1,17 @@
-"""Backward kernels over the rows: the cosine directions one chunk of H at a time, and the
-logits gradient outside S.
+"""Backward kernels over the rows: the cosine directions one chunk of H at a time, the
+logits gradient outside S, and the logits gradient on S.
 
 For a valid row n with upstream coefficients ``grad_ce[n]`` and ``grad_cos[n]``:
 
-    dz_v = grad_ce[n] * (exp(z_v - lse) - [v == y])                    every v
+    dz_v = grad_ce[n] * (exp(z_v - max - log_sum) - [v == y])          every v
          + grad_cos[n] / T * w_v * (s_v - s_bar)                       v in S only
-    s_v = E[v] . g,  g = a * e + b * mu,  s_bar = sum_S w_j s_j = mu . g = a * (mu . e) + b * |mu|^2
+    s_v = E[v] . g,  g = a * e + b * mu,  s_bar = sum_S w_j s_j
+
+(``log_sum`` = log sum_v exp(z_v - max), saved by the forward: nothing is relative to a
+rounded lse). Analytically s_bar = mu . g = 0, but it is summed from the same rounded s_j
+that s_v - s_bar subtracts it from, so that at a dominant entry (w_v near 1) the rounding
+of s_v cancels, as in autograd's softmax backward; the closed form a (mu . e) + b |mu|^2
+from the saved scalars does not cancel it and is 1 / T times less exact.
 
 with ``a = 1 / (max(|mu|, eps) max(|e|, eps))`` and ``b = -cos / |mu|^2`` (0 when |mu| < eps:
 the clamp has no gradient there), i.e. g = d cos / d mu of the SPEC, and likewise
@@ -22,54 +28,50 @@ written over the logits (``inplace``). The entries of S are left for the vocabul
 
 ``direction_chunk_kernel`` recomputes mu for the columns [h0, h0 + C) of H (the forward
 does not keep it) and writes that chunk of g and of ``grad_cos * d cos / d e`` ([N, C]
-float32 each) for the vocabulary pass.
+float32 each) for the vocabulary pass, which sums s_v over the chunks.
+
+``selected_grad_kernel`` then takes S's [N, K] saved values and the s_v the vocabulary pass
+summed, forms s_bar per row and writes the logits gradient of S's entries.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .gather import expected_embedding
+from .gather import expected_embedding, load_index
 
 EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
 def _direction_coefficients(cstats_ptr, rows64, valid):
-    """Per row: a, b, d and s_bar (see the module docstring) from the saved cos, |mu|, |e|, mu . e."""
+    """Per row: a, b and d (see the module docstring) from the saved cos, |mu| and |e|."""
     cos = tl.load(cstats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
     norm_mu = tl.load(cstats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
     norm_e = tl.load(cstats_ptr + rows64 * 4 + 2, mask=valid, other=0.0)
-    dot = tl.load(cstats_ptr + rows64 * 4 + 3, mask=valid, other=0.0)
     nm_c = tl.maximum(norm_mu, EPS)
     ne_c = tl.maximum(norm_e, EPS)
     a = 1.0 / (nm_c * ne_c)
     b = tl.where(norm_mu >= EPS, -cos / (nm_c * nm_c), 0.0)  # nm_c == |mu| wherever it applies
     d = tl.where(norm_e >= EPS, -cos / (ne_c * ne_c), 0.0)
-    s_bar = a * dot + b * norm_mu * norm_mu
-    return a, b, d, s_bar
+    return a, b, d
 
 
 @triton.jit
 def direction_chunk_kernel(
-    emb_ptr, labels_ptr, s_idx_ptr, s_val_ptr, stats_ptr, cstats_ptr, grad_cos_ptr,
-    coef_ptr, g_ptr, t_ptr,
+    emb_ptr, labels_ptr, s_idx_ptr, s_val_ptr, stats_ptr, cstats_ptr, grad_cos_ptr, g_ptr, t_ptr,
     N, K, H, h0, C, ignore_index, temperature,
-    FIRST: tl.constexpr, WRITE_T: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+    WRITE_T: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
 ):
     """Columns [h0, h0 + C) of g = a e + b mu (``g_ptr``) and of grad_cos * (a mu + d e)
     (``t_ptr``, with WRITE_T), [N, C] float32, for the rows the cosine term reaches
-    (valid, grad_cos != 0); mu from S's saved indices and values. The first chunk also writes
-    coef = (grad_cos, s_bar) per row (grad_cos 0 on ignored rows)."""
+    (valid, grad_cos != 0); mu from S's saved indices and values."""
     rows64 = tl.cast(tl.program_id(0), tl.int64) * BR + tl.arange(0, BR)
     row_in = rows64 < N
     y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
     valid = row_in & (y != ignore_index)
     g_cos = tl.load(grad_cos_ptr + rows64, mask=valid, other=0.0)
-    a, b, d, s_bar = _direction_coefficients(cstats_ptr, rows64, valid)
-    if FIRST:
-        tl.store(coef_ptr + rows64 * 2 + 0, g_cos, mask=row_in)
-        tl.store(coef_ptr + rows64 * 2 + 1, s_bar, mask=row_in)
+    a, b, d = _direction_coefficients(cstats_ptr, rows64, valid)
     used = valid & (g_cos != 0.0)
     if tl.max(used.to(tl.int32), 0) > 0:
         z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=used, other=0.0)
@@ -90,16 +92,17 @@ def direction_chunk_kernel(
 
 
 @triton.jit
-def cosine_rows(grad_cos_ptr, rows64, valid, lse):
-    """The rows whose S's gradient the vocabulary pass writes: valid, without NaN (such a row is
-    written whole, NaN, by the dense loop) and with a cosine weight."""
+def cosine_rows(grad_cos_ptr, rows64, valid, log_sum):
+    """The rows whose S's gradient selected_grad_kernel writes: valid, without NaN (such a row
+    is written whole, NaN, by write_outside_s) and with a cosine weight."""
     g_cos = tl.load(grad_cos_ptr + rows64, mask=valid, other=0.0)
-    return valid & (lse == lse) & (g_cos != 0.0)
+    return valid & (log_sum == log_sum) & (g_cos != 0.0)
 
 
 @triton.jit
-def write_outside_s(in_rows, out_rows, y, row_in, valid, g_ce, lse, exclude, t_val, tie_cut, V, BV: tl.constexpr):
-    """dz_v = g_ce (exp(z_v - lse) - [v == y]) for every v of the rows (``in_rows`` / ``out_rows``:
+def write_outside_s(in_rows, out_rows, y, row_in, valid, g_ce, z_max, log_sum, exclude, t_val, tie_cut, V,
+                    BV: tl.constexpr):
+    """dz_v = g_ce (exp(z_v - max - log_sum) - [v == y]) for every v of the rows (``in_rows`` / ``out_rows``:
     [BR] row pointers) except, in the rows ``exclude`` marks, the members of S
     (``z > t_val or (z == t_val and v <= tie_cut)``). Ignored rows get zeros."""
     lanes = tl.arange(0, BV)
@@ -109,7 +112,8 @@ def write_outside_s(in_rows, out_rows, y, row_in, valid, g_ce, lse, exclude, t_v
         z = tl.load(in_rows[:, None] + offs[None, :], mask=valid[:, None] & inside, other=0.0).to(tl.float32)
         tie_taken = (z == t_val[:, None]) & (offs[None, :] <= tie_cut[:, None])
         member = exclude[:, None] & ((z > t_val[:, None]) | tie_taken)
-        dz = g_ce[:, None] * (tl.exp(z - lse[:, None]) - tl.where(offs[None, :] == y[:, None], 1.0, 0.0))
+        p = tl.exp((z - z_max[:, None]) - log_sum[:, None])
+        dz = g_ce[:, None] * (p - tl.where(offs[None, :] == y[:, None], 1.0, 0.0))
         tl.store(out_rows[:, None] + offs[None, :], dz.to(out_rows.dtype.element_ty),
                  mask=row_in[:, None] & inside & ~member)
 
@@ -125,13 +129,58 @@ def backward_rows_kernel(
     y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
     valid = row_in & (y != ignore_index)
     g_ce = tl.load(grad_ce_ptr + rows64, mask=valid, other=0.0)  # ignored rows: zero gradient
-    lse = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
+    log_sum = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
+    z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
     t_val = tl.zeros([BR], tl.float32)
     tie_cut = tl.zeros([BR], tl.int32) - 1
     exclude = tl.zeros([BR], tl.int1)
     if WITH_COS:
-        exclude = cosine_rows(grad_cos_ptr, rows64, valid, lse)
+        exclude = cosine_rows(grad_cos_ptr, rows64, valid, log_sum)
         t_val = tl.load(stats_ptr + rows64 * 4 + 3, mask=exclude, other=0.0)
         tie_cut = tl.load(tie_ptr + rows64, mask=exclude, other=-1)
-    write_outside_s(logits_ptr + rows64 * stride_row, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce, lse,
-                    exclude, t_val, tie_cut, V, BV)
+    write_outside_s(logits_ptr + rows64 * stride_row, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce,
+                    z_max, log_sum, exclude, t_val, tie_cut, V, BV)
+
+
+@triton.jit
+def selected_grad_kernel(
+    labels_ptr, s_idx_ptr, s_val_ptr, s_dot_ptr, stats_ptr, grad_ce_ptr, grad_cos_ptr, dlogits_ptr, out_stride,
+    N, K, ignore_index, temperature,
+    BR: tl.constexpr, BK: tl.constexpr,
+):
+    """The logits gradient of S's entries (``cosine_rows`` only; write_outside_s wrote the rest):
+    s_bar = sum_j w_j s_j from the s_j the vocabulary pass summed (``s_dot``, [N, K] float32 in
+    S's order), then dz of each entry, at its vocabulary index. The entries' logits come from
+    S's saved values, so the logits may already hold their gradient (``inplace``)."""
+    rows64 = tl.cast(tl.program_id(0), tl.int64) * BR + tl.arange(0, BR)
+    row_in = rows64 < N
+    y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
+    valid = row_in & (y != ignore_index)
+    log_sum = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
+    used = cosine_rows(grad_cos_ptr, rows64, valid, log_sum)
+    if tl.max(used.to(tl.int32), 0) > 0:
+        z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=used, other=0.0)
+        z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=used, other=1.0)
+        g_ce = tl.load(grad_ce_ptr + rows64, mask=used, other=0.0)
+        g_cos = tl.load(grad_cos_ptr + rows64, mask=used, other=0.0)
+        s_bar_vec = tl.zeros([BR, BK], tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            in_s = used[:, None] & (k < K)[None, :]
+            at = rows64[:, None] * K + k[None, :]
+            z = tl.load(s_val_ptr + at, mask=in_s, other=0.0).to(tl.float32)
+            w = tl.where(in_s, tl.exp(tl.div_rn(z - z_max[:, None], temperature)) / z_sum[:, None], 0.0)
+            s_bar_vec += w * tl.load(s_dot_ptr + at, mask=in_s, other=0.0)
+        s_bar = tl.sum(s_bar_vec, 1)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            in_s = used[:, None] & (k < K)[None, :]
+            at = rows64[:, None] * K + k[None, :]
+            v = load_index(s_idx_ptr + at, in_s)
+            z = tl.load(s_val_ptr + at, mask=in_s, other=0.0).to(tl.float32)
+            w = tl.exp(tl.div_rn(z - z_max[:, None], temperature)) / z_sum[:, None]
+            s = tl.load(s_dot_ptr + at, mask=in_s, other=0.0)
+            p = tl.exp((z - z_max[:, None]) - log_sum[:, None])
+            dz = g_ce[:, None] * (p - tl.where(v == y[:, None], 1.0, 0.0))
+            dz += g_cos[:, None] / temperature * w * (s - s_bar[:, None])
+            tl.store(dlogits_ptr + rows64[:, None] * out_stride + v, dz.to(dlogits_ptr.dtype.element_ty), mask=in_s)

@@ -1,5 +1,6 @@
 """The vocabulary pass of the backward, one chunk of H columns at a time: the embedding
-gradient, and the logits gradient on S, deterministically, reading each embedding row once.
+gradient, and the dot products s of S's entries that the logits gradient on S needs,
+deterministically, reading each embedding row once.
 
 The gradient of ``sum_n grad_cos[n] * cos_n`` with respect to E has one entry per
 (row n, v in S_n) and one per target y_n:
@@ -11,18 +12,16 @@ and the logits gradient on S needs s_{n,v} = E[v] . g_n for the same (n, v in S_
 transpose of the same sparse product. The host groups the entries by v (``entries``:
 positions n * K + j in the saved [N, K] indices and values of S, in pieces of consecutive
 rows, each piece sorted by (v, n) with its own offsets [PIECES, V + 1]) and the targets by
-label (``t_rows``, ``t_offsets``). A program takes VB
-vocabulary rows side by side (VB = 1 on a GPU, more under the interpreter), loads the chunk
-of E[v] once, and walks its entries BE at a time, piece after piece: the chunk's part of
-s (added to the earlier chunks' in ``s_ptr``, in the entries' order), the weighted sum for
-dE, and on the LAST chunk the logits gradient of the entry (backward_rows_kernel wrote
-every other element of the row; with ``inplace`` the entry's logit is overwritten, and its
-value comes from the saved S values). Then its target entries, and
-it writes each dE[v] chunk once. Every sum is taken in a fixed order with no atomics: the
-same inputs give bitwise the same gradients, run after run.
+label (``t_rows``, ``t_offsets``). A program takes VB vocabulary rows side by side (VB = 1
+on a GPU, more under the interpreter), loads the chunk of E[v] once, and walks its entries
+BE at a time, piece after piece: the chunk's part of s, added to the earlier chunks' in
+``s_ptr`` ([N, K] float32 in S's order: each entry is owned by the program of its v), and
+the weighted sum for dE. Then its target entries, and it writes each dE[v] chunk once.
+selected_grad_kernel (backward.py) turns the summed s into the logits gradient of S. Every
+sum is taken in a fixed order with no atomics: the same inputs give bitwise the same
+gradients, run after run.
 
-g and t are [N, C] float32 chunks (``chunk_stride`` apart) written by direction_chunk_kernel;
-coef holds (grad_cos, s_bar) per row.
+g and t are [N, C] float32 chunks (``chunk_stride`` apart) written by direction_chunk_kernel.
 """
 from __future__ import annotations
 
@@ -32,12 +31,12 @@ import triton.language as tl
 
 @triton.jit
 def embedding_grad_kernel(
-    demb_ptr, base_ptr, emb_ptr, s_val_ptr, dlogits_ptr, out_stride,
+    demb_ptr, base_ptr, emb_ptr, s_val_ptr,
     entries_ptr, offsets_ptr, s_ptr, PIECES, PIECE_LEN, K,
     t_rows_ptr, t_offsets_ptr,
-    g_ptr, t_ptr, chunk_stride, labels_ptr, stats_ptr, coef_ptr, grad_ce_ptr,
+    g_ptr, t_ptr, chunk_stride, stats_ptr, grad_cos_ptr,
     V, H, h0, C, temperature,
-    FIRST: tl.constexpr, LAST: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_DE: tl.constexpr,
+    FIRST: tl.constexpr, WRITE_S: tl.constexpr, WRITE_DE: tl.constexpr,
     HAS_BASE: tl.constexpr, VB: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr,
 ):
     v = tl.cast(tl.program_id(0), tl.int64) * VB + tl.arange(0, VB)
@@ -61,29 +60,18 @@ def embedding_grad_kernel(
             row = slot // K
             g = tl.load(g_ptr + row[:, :, None] * chunk_stride + j[None, None, :],
                         mask=i_in[:, :, None] & h_in[None, None, :], other=0.0)
-            g_cos = tl.load(coef_ptr + row * 2, mask=i_in, other=0.0)
-            z_max = tl.load(stats_ptr + row * 4 + 1, mask=i_in, other=0.0)
-            z_sum = tl.load(stats_ptr + row * 4 + 2, mask=i_in, other=1.0)
-            z = tl.load(s_val_ptr + slot, mask=i_in, other=0.0).to(tl.float32)
-            w = tl.exp(tl.div_rn(z - z_max, temperature)) / z_sum
             if WRITE_DE:
+                g_cos = tl.load(grad_cos_ptr + row, mask=i_in, other=0.0)
+                z_max = tl.load(stats_ptr + row * 4 + 1, mask=i_in, other=0.0)
+                z_sum = tl.load(stats_ptr + row * 4 + 2, mask=i_in, other=1.0)
+                z = tl.load(s_val_ptr + slot, mask=i_in, other=0.0).to(tl.float32)
+                w = tl.exp(tl.div_rn(z - z_max, temperature)) / z_sum
                 acc += tl.where(i_in, g_cos * w, 0.0)[:, :, None] * g
-            if WRITE_DZ:
+            if WRITE_S:
                 s = tl.sum(g * e_v[:, None, :], 2)
                 if not FIRST:
-                    s += tl.load(s_ptr + pos, mask=i_in, other=0.0)
-                if LAST:
-                    y = tl.load(labels_ptr + row, mask=i_in, other=-1)
-                    lse = tl.load(stats_ptr + row * 4, mask=i_in, other=0.0)
-                    g_ce = tl.load(grad_ce_ptr + row, mask=i_in, other=0.0)
-                    s_bar = tl.load(coef_ptr + row * 2 + 1, mask=i_in, other=0.0)
-                    dz = g_ce * (tl.exp(z - lse) - tl.where(v[:, None] == y, 1.0, 0.0))
-                    dz += g_cos / temperature * w * (s - s_bar)
-                    # a row with NaN was written whole by backward_rows_kernel
-                    tl.store(dlogits_ptr + row * out_stride + v[:, None], dz.to(dlogits_ptr.dtype.element_ty),
-                             mask=i_in & (lse == lse))
-                else:
-                    tl.store(s_ptr + pos, s, mask=i_in)
+                    s += tl.load(s_ptr + slot, mask=i_in, other=0.0)
+                tl.store(s_ptr + slot, s, mask=i_in)
     if WRITE_DE:
         t_start = tl.load(t_offsets_ptr + v, mask=v_in, other=0)
         t_end = tl.load(t_offsets_ptr + v + 1, mask=v_in, other=0)

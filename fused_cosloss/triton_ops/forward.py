@@ -6,7 +6,8 @@ operation.
 
 ``row_stats_kernel`` (persistent: program p takes row blocks p, p + G, ...):
   pass 0   one read of the row: per-lane running max and sum of exponentials
-           (logsumexp), per-lane argmax (ties: lower index);
+           (log sum exp(z - max): every later use works relative to the row max, as
+           log_softmax does), per-lane argmax (ties: lower index);
   bound    the lane maxima (BV of them) are a subset of the row, so their K-th largest
            is a lower bound L on the row's K-th largest; two radix passes over those BV
            keys, in registers, give L to 16 bits;
@@ -65,7 +66,7 @@ def row_stats_kernel(
         zero = tl.zeros([BR], tl.float32)
         ce = zero
         correct = tl.zeros([BR], tl.int32)
-        lse = zero
+        log_sum = zero
         z_max = zero
         z_sum = zero
         t_val = zero
@@ -85,9 +86,11 @@ def row_stats_kernel(
                 arg_vec = tl.where(better, offs[None, :], arg_vec)
                 m_vec = m_new
             m = tl.max(m_vec, 1)
-            lse = m + tl.log(tl.where(valid, tl.sum(s_vec * tl.exp(m_vec - m[:, None]), 1), 1.0))
+            # log sum exp(z - max), not lse = max + that: lse would round to ulp(|max|), and
+            # that rounding would leak into ce and the gradient of offset logits
+            log_sum = tl.log(tl.where(valid, tl.sum(s_vec * tl.exp(m_vec - m[:, None]), 1), 1.0))
             argmax = tl.min(tl.where(m_vec == m[:, None], arg_vec, INT_BIG), 1)
-            has_nan = valid & (lse != lse)
+            has_nan = valid & (log_sum != log_sum)
             if tl.max(has_nan.to(tl.int32), 0) > 0:  # argmax of a row with NaN is its first NaN, as torch.argmax
                 first_nan = tl.zeros([BR], tl.int32) + INT_BIG
                 for start in range(0, V, BV):
@@ -97,9 +100,9 @@ def row_stats_kernel(
                     first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, offs[None, :], INT_BIG), 1))
                 argmax = tl.where(first_nan < INT_BIG, first_nan, argmax)
             z_y = tl.load(row_ptrs + y, mask=valid, other=0.0).to(tl.float32)
-            ce = tl.where(valid, lse - z_y, 0.0)
+            ce = tl.where(valid, log_sum - (z_y - m), 0.0)
             correct = (valid & (argmax == y)).to(tl.int32)
-            lse = tl.where(valid, lse, 0.0)
+            log_sum = tl.where(valid, log_sum, 0.0)
             z_max = tl.where(valid, tl.where(m <= NEG_BIG, float("-inf"), m), 0.0)
             if MODE != 0:
                 out_idx = s_idx_ptr + rows64 * K
@@ -151,7 +154,7 @@ def row_stats_kernel(
                     tie_cut = tl.where(from_rows, tie_cut2, tie_cut)
         tl.store(ce_ptr + rows64, ce, mask=row_in)
         tl.store(correct_ptr + rows64, correct.to(tl.int8), mask=row_in)
-        tl.store(stats_ptr + rows64 * 4 + 0, lse, mask=row_in)
+        tl.store(stats_ptr + rows64 * 4 + 0, log_sum, mask=row_in)
         tl.store(stats_ptr + rows64 * 4 + 1, z_max, mask=row_in)
         tl.store(stats_ptr + rows64 * 4 + 2, z_sum, mask=row_in)
         tl.store(stats_ptr + rows64 * 4 + 3, t_val, mask=row_in)
@@ -163,9 +166,9 @@ def row_stats_kernel(
             g_ce = tl.load(grad_ce_ptr + rows64, mask=valid, other=0.0)
             exclude = tl.zeros([BR], tl.int1)
             if MODE == 1:
-                exclude = cosine_rows(grad_cos_ptr, rows64, valid, lse)
-            write_outside_s(row_ptrs, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce, lse, exclude,
-                            t_val, tie_cut, V, BG)
+                exclude = cosine_rows(grad_cos_ptr, rows64, valid, log_sum)
+            write_outside_s(row_ptrs, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce, z_max, log_sum,
+                            exclude, t_val, tie_cut, V, BG)
         if MODE == 1 or GRAD:
             tl.debug_barrier()  # every read of the scratch (and of the row) is done before the next block
 
@@ -186,7 +189,7 @@ def cosine_kernel(
     norm_e = zero
     dot = zero
     if tl.max(valid.to(tl.int32), 0) > 0:
-        lse = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
+        log_sum = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
         z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
         z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=valid, other=1.0)
         dot_vec = tl.zeros([BR, BH], tl.float32)
@@ -206,7 +209,7 @@ def cosine_kernel(
         norm_mu = tl.sqrt(tl.sum(mu2_vec, 1))
         norm_e = tl.sqrt(tl.sum(e2_vec, 1))
         cos = dot / (tl.maximum(norm_mu, EPS) * tl.maximum(norm_e, EPS))
-        cos = tl.where(lse != lse, float("nan"), cos)
+        cos = tl.where(log_sum != log_sum, float("nan"), cos)
     tl.store(cstats_ptr + rows64 * 4 + 0, cos, mask=row_in)
     tl.store(cstats_ptr + rows64 * 4 + 1, norm_mu, mask=row_in)
     tl.store(cstats_ptr + rows64 * 4 + 2, norm_e, mask=row_in)
