@@ -6,6 +6,8 @@ expected and what was given.
 from __future__ import annotations
 
 import math
+import numbers
+import reprlib
 
 import torch
 
@@ -13,32 +15,68 @@ REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "native", "triton")
 
 
-def check_scalars(alpha, temperature, topk, reduction, backend) -> None:
-    """Check the scalar options of the loss."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha: expected a float in [0, 1], got {type(alpha).__name__}")
-    if not (0.0 <= float(alpha) <= 1.0):
+def check_scalars(alpha, temperature, topk, reduction, backend):
+    """Check the scalar options of the loss; returns ``(alpha, temperature, topk)`` as Python
+    numbers (float, float, int or None). Numbers of any kind are accepted (``numbers.Real`` /
+    ``numbers.Integral``: numpy scalars too) and 0-d tensors on the CPU; bools are not."""
+    alpha = real_number("alpha", alpha, "a number in [0, 1]")
+    if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature: expected a positive float, got {type(temperature).__name__}")
-    if not math.isfinite(float(temperature)) or float(temperature) <= 0.0:
+    temperature = real_number("temperature", temperature, "a finite number > 0")
+    if not math.isfinite(temperature) or temperature <= 0.0:
         raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
     if topk is not None:
-        if isinstance(topk, bool) or not isinstance(topk, int):
-            raise TypeError(f"topk: expected an int >= 1 or None, got {type(topk).__name__}")
+        topk = integer("topk", topk, "an integer >= 1 or None")
         if topk < 1:
-            raise ValueError(f"topk: expected an int >= 1 or None, got {topk}")
-    if reduction not in REDUCTIONS:
+            raise ValueError(f"topk: expected an integer >= 1 or None, got {topk}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return alpha, temperature, topk
+
+
+def real_number(name: str, value, expected: str) -> float:
+    """``value`` as a float: any ``numbers.Real`` but a bool, or a 0-d real tensor on the CPU."""
+    value = _host_scalar(name, value, expected)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {expected} (an int, a float, a numpy scalar or a 0-d CPU tensor), "
+                        f"got {type(value).__name__}")
+    return float(value)
+
+
+def integer(name: str, value, expected: str) -> int:
+    """``value`` as an int: any ``numbers.Integral`` but a bool, or a 0-d integer tensor on the CPU."""
+    value = _host_scalar(name, value, expected)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected {expected} (an int, a numpy integer or a 0-d integer CPU tensor), "
+                        f"got {type(value).__name__}")
+    return int(value)
+
+
+def _host_scalar(name: str, value, expected: str):
+    """The Python number a 0-d CPU tensor holds (other values are returned as they are)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    problem = None
+    if value.dim() != 0:
+        problem = f"a tensor of shape {tuple(value.shape)}"
+    elif value.device.type != "cpu":
+        problem = f"a tensor on {value.device} (reading it would wait for the device: pass a number)"
+    elif value.dtype == torch.bool or value.is_complex():
+        problem = f"a {value.dtype} tensor"
+    elif value.requires_grad:
+        problem = "a tensor that requires grad (the loss is not differentiable in this option)"
+    if problem is not None:
+        raise TypeError(f"{name}: expected {expected} (a number, or a 0-d real tensor on the CPU), got {problem}")
+    return value.item()
 
 
 def check_flag(name: str, value, optional: bool = False) -> None:
-    """A bool option (or None, when ``optional``)."""
+    """A bool option (or None, when ``optional``): ``True``/``False`` themselves, not a truthy value."""
     if not isinstance(value, bool) and not (optional and value is None):
-        expected = "a bool or None" if optional else "a bool"
-        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+        expected = "True, False or None" if optional else "True or False"
+        raise TypeError(f"{name}: expected {expected}, got {reprlib.repr(value)} ({type(value).__name__})")
 
 
 def check_tensors(logits, labels, embedding, shift: bool) -> None:
@@ -81,8 +119,9 @@ def check_tensors(logits, labels, embedding, shift: bool) -> None:
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """Check that every label is in [0, V) or equal to ignore_index (one device sync; under
-    ``torch.compile`` an asynchronous device-side assertion instead)."""
-    if labels.numel() == 0:
+    ``torch.compile`` an asynchronous device-side assertion instead). Meta tensors have no
+    values: nothing to check."""
+    if labels.numel() == 0 or labels.is_meta:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if torch.compiler.is_compiling():
@@ -142,10 +181,16 @@ def check_linear_tensors(hidden, weight, labels, embedding, bias, shift: bool) -
         raise ValueError(f"{', '.join(name for name, _ in tensors)}: expected tensors on one device, got {where}")
 
 
-def check_chunk_size(chunk_size) -> None:
+def check_chunk_size(chunk_size):
+    """Positions per chunk: an integer >= 1 (returned as an int) or None."""
     if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size: expected an int >= 1 or None, got {type(chunk_size).__name__}")
+        return None
+    chunk_size = integer("chunk_size", chunk_size, "an integer >= 1 or None")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size}")
+        raise ValueError(f"chunk_size: expected an integer >= 1 or None, got {chunk_size}")
+    return chunk_size
+
+
+def check_ignore_index(ignore_index) -> int:
+    """The label value that marks skipped positions: any integer (returned as an int)."""
+    return integer("ignore_index", ignore_index, "an integer")

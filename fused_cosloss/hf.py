@@ -40,18 +40,29 @@ logits are ``lm_head(hidden)``; models that scale or soft-cap the logits after t
 they are refused. The gradient-norm probe, which needs the logits, is off in this mode.
 
 Counting note: the Trainer counts ``num_items_in_batch`` over ``labels[..., 1:]`` only for
-models it knows shift their labels, and over all of ``labels`` otherwise (GPT-2 in
-transformers 5.x). :func:`causal_lm_labels` sets the first label of each row to -100 (it
-is never a target after the shift), which makes both counts exact.
+models it knows shift their labels, and over all of ``labels`` otherwise (GPT-2 by default),
+position 0 included, which is never a target after the shift. So that the standard
+``labels = input_ids`` (``DataCollatorForLanguageModeling(mlm=False)``) gives the exact mean,
+``MixedLossForTrainer(model)`` sets ``model.loss_type = "ForCausalLM"`` where it is None
+(GPT-2: its own loss is that one already), which makes the Trainer (transformers 5.17 and
+later) count ``labels[..., 1:]``. Where the count stays inexact (an older Trainer) the first
+training step that has a valid ``labels[..., 0]`` warns; :func:`causal_lm_labels` (first
+label of each row set to -100) makes every count exact.
+
+Untied models (Llama, Mistral, Phi, GPT-NeoX, Granite, ...) need ``embedding="input"`` (the
+token embedding) or ``embedding="output"`` (the LM head's weight): without it construction
+raises, before the Trainer is set up.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
 
-from ._validation import check_scalars
+from ._validation import check_chunk_size, check_flag, check_ignore_index, check_scalars, real_number
 from .functional import mixed_loss
 from .linear import linear_mixed_loss
 
@@ -120,6 +131,40 @@ def _all_reduce_sum(values: torch.Tensor, enabled: bool | None) -> torch.Tensor:
     return values
 
 
+def _count_shifted_labels(model) -> bool:
+    """Have transformers' ``Trainer`` count ``num_items_in_batch`` over ``labels[..., 1:]``, the
+    positions the shifted loss averages over; True when it will.
+
+    The Trainer (transformers 5.17 and later) counts ``labels[..., 1:]`` for models whose
+    ``loss_type`` is a causal-LM loss, and all of ``labels`` otherwise, position 0 included
+    (never a target after the shift: the mean would be scaled by about (T - 1) / T). GPT-2's
+    ``GPT2LMHeadModel`` matches no loss by its class name (``loss_type`` None, though its own
+    loss is the causal-LM one all the same), so it gets ``loss_type = "ForCausalLM"``, which
+    changes nothing but that count.
+    """
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:
+        return False
+    if callable(getattr(model, "get_base_model", None)):  # a PEFT model: the Trainer looks at the base model
+        model = model.get_base_model()
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "loss_type"):
+        return False
+    if model.loss_type is None:
+        model.loss_type = "ForCausalLM"
+    return LOSS_MAPPING.get(model.loss_type) is ForCausalLMLoss and _trainer_counts_shifted_labels()
+
+
+def _trainer_counts_shifted_labels() -> bool:
+    """Whether this transformers' Trainer has the causal-LM counting rule (``_loss_shifts_labels``)."""
+    try:
+        from transformers import Trainer
+
+        return "_loss_shifts_labels" in inspect.getsource(Trainer._get_num_items_in_batch)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+
+
 class MixedLossForTrainer:
     """A ``compute_loss_func`` for ``transformers.Trainer`` computing :func:`fused_cosloss.mixed_loss`.
 
@@ -164,22 +209,33 @@ class MixedLossForTrainer:
     ):
         if model is None and (embedding is None or isinstance(embedding, str)):
             raise ValueError("MixedLossForTrainer: pass the model, or the embedding tensor (or a callable returning it)")
+        for name, flag in (("embedding_grad", embedding_grad), ("probe_grad_norms", probe_grad_norms),
+                           ("fused_linear", fused_linear)):
+            check_flag(name, flag)
         if fused_linear and model is None:
             raise ValueError("MixedLossForTrainer: fused_linear=True needs the model (its LM head is the linear layer)")
+        alpha_warmup = real_number("alpha_warmup", alpha_warmup, "a fraction of the training steps in [0, 1]")
         if not 0.0 <= alpha_warmup <= 1.0:
             raise ValueError(f"alpha_warmup: expected a fraction of the training steps in [0, 1], got {alpha_warmup}")
-        check_scalars(alpha, temperature, topk, "sum", backend)  # fail here, not at the first step
+        # fail here, not at the first step
+        alpha, temperature, topk = check_scalars(alpha, temperature, topk, "sum", backend)
+        ignore_index = check_ignore_index(ignore_index)
+        chunk_size = check_chunk_size(chunk_size)
         if isinstance(embedding, str) and embedding not in ("tied", "input", "output"):
             raise ValueError(f"embedding: expected a tensor, a callable, 'tied', 'input' or 'output', got {embedding!r}")
         self.model = model
         self.embedding = embedding
-        self.alpha = float(alpha)
-        self.current_alpha = 0.0 if alpha_warmup > 0 else float(alpha)
-        self.temperature = float(temperature)
+        if model is not None and (embedding is None or isinstance(embedding, str)):
+            self._model_embedding()  # an untied model without embedding="input"/"output" fails here
+        # whether the Trainer's num_items_in_batch counts what the loss averages over (None: no model, unknown)
+        self.counts_exact = _count_shifted_labels(model) if model is not None else None
+        self.alpha = alpha
+        self.current_alpha = 0.0 if alpha_warmup > 0 else alpha
+        self.temperature = temperature
         self.topk = topk
         self.backend = backend
         self.ignore_index = ignore_index
-        self.alpha_warmup = float(alpha_warmup)
+        self.alpha_warmup = alpha_warmup
         self.embedding_grad = embedding_grad
         self.fused_linear = fused_linear
         self.chunk_size = chunk_size
@@ -237,20 +293,30 @@ class MixedLossForTrainer:
             return source
         if callable(source):
             return source()
-        model = self.model
-        inputs = model.get_input_embeddings().weight
+        return self._model_embedding()
+
+    def _model_embedding(self) -> torch.Tensor:
+        """The model's embedding that ``embedding`` (None, 'tied', 'input' or 'output') names."""
+        model, source = self.model, self.embedding
+        try:
+            inputs = model.get_input_embeddings().weight
+            output_layer = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError) as error:
+            raise ValueError(f"MixedLossForTrainer: cannot read the token embedding of {type(model).__name__} "
+                             f"({error}); pass embedding= the [V, H] tensor or a callable returning it") from error
         if source == "input":
             return inputs
-        output_layer = model.get_output_embeddings()
         if source == "output":
             if output_layer is None:
                 raise ValueError("embedding='output': the model has no output embedding (LM head)")
             return output_layer.weight
         if output_layer is not None and output_layer.weight is not inputs:
+            tie = getattr(getattr(model, "config", None), "tie_word_embeddings", None)
+            config = f" (config.tie_word_embeddings={tie})" if tie is not None else ""
             raise ValueError(
-                f"{type(model).__name__}: the input embedding is not tied to the LM head, so 'the model's token "
-                "embedding' is ambiguous; pass embedding='input', embedding='output' or an explicit tensor"
-            )
+                f"{type(model).__name__}: the input embedding is not tied to the LM head{config}, so the cosine's "
+                "embedding must be named: pass embedding='input' (the token embedding, "
+                "model.get_input_embeddings().weight) or embedding='output' (the LM head's weight), or a tensor")
         return inputs
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -281,6 +347,8 @@ class MixedLossForTrainer:
             if self.probe_next and self.probe_grad_norms:
                 self.probe_next = False
                 self._probe(logits, labels, embedding, alpha, options, cos_measured=cos_sum is not None)
+        if training and num_items_in_batch is not None and self.counts_exact is False:
+            self._warn_if_position_zero_counted(labels)
         if num_items_in_batch is None:
             denominator = n_valid.clamp_min(1)
         elif isinstance(num_items_in_batch, torch.Tensor):
@@ -288,6 +356,17 @@ class MixedLossForTrainer:
         else:
             denominator = max(int(num_items_in_batch), 1)
         return total / denominator
+
+    def _warn_if_position_zero_counted(self, labels: torch.Tensor) -> None:
+        """Say once that the Trainer's count includes labels[..., 0], which the shifted loss never uses."""
+        if bool((labels[..., 0] != self.ignore_index).any()):
+            self.counts_exact = None  # said once
+            warnings.warn(
+                f"MixedLossForTrainer: the Trainer counts labels[..., 0] in num_items_in_batch for "
+                f"{type(self.model).__name__} (transformers before 5.17, or a model whose loss_type is not a causal-LM "
+                "one), but after the causal shift they are never a target, so the loss and its gradients are scaled "
+                "by about (T - 1) / T; set labels[..., 0] = -100 (fused_cosloss.hf.causal_lm_labels) to make it exact",
+                RuntimeWarning, stacklevel=3)
 
     # ---- training statistics ---------------------------------------------------------------
 

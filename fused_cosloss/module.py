@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validation import check_chunk_size, check_scalars
+from ._validation import check_chunk_size, check_flag, check_ignore_index, check_scalars
 from .functional import mixed_loss
 from .linear import linear_mixed_loss
 
@@ -14,11 +14,12 @@ class _LossOptions(nn.Module):
 
     def __init__(self, alpha, temperature, topk, ignore_index, reduction, shift, backend):
         super().__init__()
-        check_scalars(alpha, temperature, topk, reduction, backend)
+        alpha, temperature, topk = check_scalars(alpha, temperature, topk, reduction, backend)
+        check_flag("shift", shift)
         self.alpha = alpha
         self.temperature = temperature
         self.topk = topk
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = reduction
         self.shift = shift
         self.backend = backend
@@ -56,6 +57,8 @@ class MixedLoss(_LossOptions):
         grad_in_forward: bool | None = None,
     ):
         super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend)
+        check_flag("inplace_grad", inplace_grad)
+        check_flag("grad_in_forward", grad_in_forward, optional=True)
         self.inplace_grad = inplace_grad
         self.grad_in_forward = grad_in_forward
 
@@ -84,8 +87,7 @@ class LinearMixedLoss(_LossOptions):
     def __init__(self, alpha: float = 0.5, temperature: float = 1.0, topk: int | None = 256, ignore_index: int = -100,
                  reduction: str = "mean", shift: bool = False, backend: str = "auto", chunk_size: int | None = None):
         super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend)
-        check_chunk_size(chunk_size)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 embedding: torch.Tensor | None = None, bias: torch.Tensor | None = None, return_parts: bool = False):
