@@ -103,9 +103,15 @@ def _matmul_then(backend: str, group: str) -> Callable[[Config], Callable[[dict]
     return build
 
 
+def _interpreter_allowed() -> bool:
+    """The GPU session's dry run (bench/gpu_session.py --dry) runs the triton rows on CPU under the
+    interpreter, to check its plumbing: FUSED_COSLOSS_BENCH_INTERPRETER=1 with TRITON_INTERPRET=1."""
+    return os.environ.get("FUSED_COSLOSS_BENCH_INTERPRETER") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _backend_unavailable(backend: str) -> Callable[[Config], str | None]:
     def unavailable(cfg: Config) -> str | None:
-        if backend == "triton" and cfg.device != "cuda":
+        if backend == "triton" and cfg.device != "cuda" and not _interpreter_allowed():
             return "CUDA only here (on CPU tensors Triton runs only in its interpreter, TRITON_INTERPRET=1: not worth timing)"
         # empty tensors of the benchmark's shapes: nothing is touched or computed
         logits = torch.empty(1, cfg.vocab, device=cfg.device, dtype=cfg.dtype)
@@ -219,6 +225,19 @@ def _build_matmul_ce(cfg: Config):
     return lambda inp: F.cross_entropy(inp["hidden"] @ inp["embedding"].T, inp["labels"], ignore_index=IGNORE_INDEX)
 
 
+def _build_torch_linear_ce(cfg: Config):
+    # the chunked path (options given): the [N, V] logits are never built whole
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda inp: F.linear_cross_entropy(inp["hidden"], inp["embedding"], inp["labels"],
+                                              ignore_index=IGNORE_INDEX, reduction="mean", options=options)
+
+
+def _torch_linear_ce_unavailable(cfg: Config) -> str | None:
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (torch >= 2.13)"
+    return None
+
+
 def _matmul_unavailable(cfg: Config) -> str | None:
     reason = _needs(CCE, "cut-cross-entropy")(cfg)
     return None if reason is None else f"only run beside ce-cce, which is unavailable: {reason}"
@@ -279,6 +298,9 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
     # bfloat16 logits rounded by the matmul: its gradients drift further from the float32 oracle
     Impl("ce-matmul-torch", "ce", "hidden @ E.T then F.cross_entropy (the unfused comparator of ce-cce)",
          _build_matmul_ce, unavailable=_matmul_unavailable, kind="hidden", has_floor=False, tolerance_scale=2.5),
+    Impl("ce-torch-linear", "ce", "torch.nn.functional.linear_cross_entropy, chunked (torch >= 2.13)",
+         _build_torch_linear_ce, unavailable=_torch_linear_ce_unavailable, kind="hidden", has_floor=False,
+         tolerance_scale=2.5, in_cpu_default=False),
 ]}
 
 

@@ -14,6 +14,7 @@ is measured in the same run. Results: a table on stdout, and ``<slug>.json``, ``
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -218,6 +219,35 @@ def slug(machine: dict) -> str:
     return f"cuda-{name}"
 
 
+def assemble(args, argv, probe, results, unavailable, about, started, load_before, partial=False) -> dict:
+    """The result document (what --json writes); ``partial``: some implementations have not run yet."""
+    results = sorted(results, key=lambda row: (row["n_tokens"], args.impls.index(row["impl"])))
+    result = {
+        "meta": {
+            "command": shlex.join(["python", "bench/run.py", *argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "git_commit": git_commit(),
+            "load_before": load_before,
+            "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "wall_s": None,
+            "probe_s": probe["probe_s"],
+            "cpu_peak_memory_unavailable": probe.get("cpu_peak_memory"),
+            "partial": partial,
+        },
+        "machine": probe["machine"],
+        "config": {"device": args.device, "dtype": args.dtype, "vocab": args.vocab, "hidden": args.hidden,
+                   "topk": args.topk, "alpha": args.alpha, "temperature": args.temperature, "tokens": args.tokens,
+                   "modes": args.modes, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed},
+        "floor": copy.deepcopy(probe["floor"]),
+        "impls": copy.deepcopy(about),
+        "unavailable": dict(unavailable),
+        "results": copy.deepcopy(results),
+    }
+    add_derived(result, args)
+    result["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -228,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.describe("probe: machine, floor")
     probe_started = time.perf_counter()
     probe = run_worker("probe", worker_conf(args, impls=args.impls), args.timeout, lambda event: None)
-    probe_s = round(time.perf_counter() - probe_started, 1)
+    probe["probe_s"] = round(time.perf_counter() - probe_started, 1)
     progress.step()
     if "error" in probe:
         progress.close()
@@ -270,32 +300,12 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"impl": name, "group": impl.group, "alpha": impl.alpha_value(args.alpha), **point})
         if "error" in out:
             progress.step(len(args.tokens) - len(done))
+        if args.json_path:   # what has run so far, in case the run is stopped before the end
+            partial = assemble(args, argv, probe, results, unavailable, about, started, load_before, partial=True)
+            report.write_json(partial, args.json_path + ".tmp")
+            os.replace(args.json_path + ".tmp", args.json_path)
     progress.close()
-    results.sort(key=lambda row: (row["n_tokens"], args.impls.index(row["impl"])))
-
-    result = {
-        "meta": {
-            "command": shlex.join(["python", "bench/run.py", *argv]),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "git_commit": git_commit(),
-            "load_before": load_before,
-            "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "wall_s": None,
-            "probe_s": probe_s,
-            "cpu_peak_memory_unavailable": probe.get("cpu_peak_memory"),
-        },
-        "machine": probe["machine"],
-        "config": {"device": args.device, "dtype": args.dtype, "vocab": args.vocab, "hidden": args.hidden,
-                   "topk": args.topk, "alpha": args.alpha, "temperature": args.temperature, "tokens": args.tokens,
-                   "modes": args.modes, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed},
-        "floor": probe["floor"],
-        "impls": about,
-        "unavailable": unavailable,
-        "results": results,
-    }
-    add_derived(result, args)
-    result["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
-
+    result = assemble(args, argv, probe, results, unavailable, about, started, load_before)
     print(report.format_text(result))
     print(f"wall time: {result['meta']['wall_s']:.0f} s")
     paths = {"json": args.json_path, "plot": args.plot_path, "markdown": args.markdown_path}

@@ -29,7 +29,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 KERNELS = ("row_stats_kernel", "cosine_kernel", "backward_rows_kernel", "direction_chunk_kernel",
-           "embedding_grad_kernel")
+           "embedding_grad_kernel", "selected_grad_kernel")
 HOST_STEPS = ("_grouped_entries", "_target_segments")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -46,6 +46,8 @@ def parse_args(argv):
     parser.add_argument("--path", choices=["grad-in-forward", "backward"], default="grad-in-forward",
                         help="forward_backward_rows (mixed_loss's default in training) or forward_rows + backward_rows")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--all-kernels", action="store_true",
+                        help="also time every other Triton kernel of fused_cosloss.triton_ops (no byte count for those)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     return parser.parse_args(argv)
 
@@ -102,6 +104,17 @@ def _timed_host(function, name: str, clock_ref: list):
     return timed
 
 
+def other_kernels(ops) -> list[str]:
+    """Names of every Triton kernel the backend module launches (compiled or interpreted)."""
+    from triton.runtime.jit import JITFunction
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        InterpretedFunction = JITFunction
+    return sorted(name for name, value in vars(ops).items()
+                  if name.endswith("_kernel") and isinstance(value, (JITFunction, InterpretedFunction)))
+
+
 def predicted_bytes(args, chunks: int) -> dict[str, float]:
     """Device-memory bytes per stage (docs/triton_kernel.md's count; gathers at no L2 hit)."""
     n, v, h, k = args.tokens, args.vocab, args.hidden, args.topk
@@ -115,6 +128,8 @@ def predicted_bytes(args, chunks: int) -> dict[str, float]:
         "backward_rows_kernel": 2 * logits,
         "direction_chunk_kernel": gather,
         "embedding_grad_kernel": v * h * b + chunks * n * k * 16,
+        # S's values, indices (int16) and summed s read; each entry's gradient a scattered write
+        "selected_grad_kernel": n * k * (b + 2 + 4) + n * k * b,
     }
 
 
@@ -134,9 +149,14 @@ def run(args) -> list[dict]:
     k = min(args.topk, args.vocab)
 
     clock_ref = [Clock(args.device)]
-    originals = {name: getattr(ops, name) for name in KERNELS + HOST_STEPS}
+    kernels = KERNELS + (tuple(name for name in other_kernels(ops) if name not in KERNELS) if args.all_kernels else ())
+    originals = {name: getattr(ops, name) for name in kernels + HOST_STEPS + ("_interpreted",)}
+    interpreted = ops._interpreted()
     try:
-        for name in KERNELS:
+        # ops._interpreted() looks at the type of ops.row_stats_kernel, which the wrapper hides:
+        # without this, the interpreter would run the GPU's tiles (one row per step, ~20x slower)
+        ops._interpreted = lambda: interpreted
+        for name in kernels:
             setattr(ops, name, TimedKernel(originals[name], name, clock_ref))
         for name in HOST_STEPS:
             setattr(ops, name, _timed_host(originals[name], name, clock_ref))
@@ -170,7 +190,7 @@ def run(args) -> list[dict]:
         predicted = bytes_of.get(name)
         rows.append({"stage": name, "median_ms": ms, "predicted_bytes": predicted,
                      "gb_per_s": predicted / ms / 1e6 if predicted and ms > 0 else None})
-    order = {name: i for i, name in enumerate(KERNELS + HOST_STEPS + ("total",))}
+    order = {name: i for i, name in enumerate(kernels + HOST_STEPS + ("total",))}
     return sorted(rows, key=lambda row: order.get(row["stage"], len(order)))
 
 

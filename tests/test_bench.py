@@ -132,7 +132,7 @@ def test_stage_times_run_under_the_interpreter(tmp_path, path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = {row["stage"]: row for row in json.loads(out.read_text())["stages"]}
     expected = {"row_stats_kernel", "cosine_kernel", "direction_chunk_kernel", "embedding_grad_kernel",
-                "_grouped_entries", "_target_segments", "total"}
+                "selected_grad_kernel", "_grouped_entries", "_target_segments", "total"}
     if path == "backward":
         expected.add("backward_rows_kernel")
     assert set(stages) == expected
