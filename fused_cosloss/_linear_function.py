@@ -22,8 +22,19 @@ the gradients of hidden, weight and bias with three matmuls:
     d hidden[chunk] = dz @ weight,   d weight += dz.T @ hidden[chunk],   d bias += sum_rows dz
 
 The embedding's gradient (the cosine term's) goes to ``weight`` when the embedding is
-tied to it (``embedding is None``). ``weight`` and ``bias`` gradients accumulate in
-float32 over the chunks, in chunk order, so the result does not change from run to run.
+tied to it (``embedding is None``). ``weight``, ``bias`` and ``embedding`` gradients
+accumulate in float32 over the chunks, in chunk order, so the result does not change from
+run to run; for bfloat16 / float16 inputs each chunk's ``dz.T @ hidden[chunk]`` enters that
+sum unrounded (computed with a float32 output, ``_add_transposed_product``) and the sum is
+rounded to the input dtype once, at the end. Rounding each chunk's product first (as
+Liger-Kernel's fused linear cross-entropy does) adds one rounding of the input dtype per
+chunk. ``d hidden`` needs no accumulator: each row's is one matmul over the vocabulary.
+
+Higher-order gradients: ``LinearMixedRows``'s backward, run with ``create_graph=True``,
+recomputes each chunk with the reference's differentiable formulation and differentiates it
+(``_differentiable_backward``). ``LinearMixedLoss`` computed its gradient in the forward and
+hands it to the first backward: a second backward or a ``create_graph=True`` one raises
+``UnsupportedDifferentiationError`` naming ``reduction="none"``.
 
 The backward's logits are recomputed by the same matmul on the same inputs; backends
 that decide top-k membership from the saved threshold (Triton) rely on that matmul
@@ -32,9 +43,17 @@ giving the same bits twice, which BLAS libraries and cuBLAS do for identical cal
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._kernel_function import forward_backward
 from ._loss_terms import loss_coefficients, reduced_loss
+from .errors import UnsupportedDifferentiationError
+from .reference import reference_rows
+
+# Where a chunk's product cannot be computed with a float32 output directly, its float32
+# temporaries (an upcast block of the logits gradient, or the block's product) hold at most
+# this many elements: the vocabulary is taken a block of rows at a time.
+PRODUCT_BLOCK_ELEMENTS = 2**22
 
 
 class LinearMixedLoss(torch.autograd.Function):
@@ -73,11 +92,24 @@ class LinearMixedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ce, grad_cos, _grad_correct):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient computed in the forward has no graph
+            raise UnsupportedDifferentiationError(
+                "linear_mixed_loss: with reduction='mean' or 'sum' the gradient is computed in the forward, so it "
+                "cannot be differentiated again (create_graph=True, e.g. a gradient penalty); use reduction='none' "
+                "and reduce the per-position losses yourself (loss.sum() / number of valid labels for the mean): "
+                "its backward recomputes each chunk and builds a differentiable graph")
         if grad_ce is not None or grad_cos is not None:
-            raise RuntimeError(
+            raise UnsupportedDifferentiationError(
                 "linear_mixed_loss: with reduction='mean' or 'sum' the gradient is computed in the forward for the "
                 "loss only, so its .ce and .cos parts cannot be differentiated; use reduction='none' (and reduce "
                 "the per-position values yourself) to differentiate the parts")
+        if ctx.gradients is None:
+            raise UnsupportedDifferentiationError(
+                "linear_mixed_loss: with reduction='mean' or 'sum' the gradient computed in the forward was handed "
+                "to the first backward, so a second backward through the same loss cannot give it again "
+                "(retain_graph=True does not keep it); compute the loss again for each backward, or use "
+                "reduction='none' and reduce the per-position losses yourself: its backward recomputes each chunk "
+                "and can run more than once")
         grads, ctx.gradients = ctx.gradients, None
         if grad_loss is None:
             return (None,) * 13
@@ -111,6 +143,11 @@ class LinearMixedRows(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_cos, _grad_correct):
         hidden, weight, bias, embedding, labels, *flat = ctx.saved_tensors
         ops, temperature, k, ignore_index, with_cos, chunk = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            return (*_differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, grad_cos,
+                                              ctx.needs_input_grad[:4], temperature, k, ignore_index, with_cos,
+                                              chunk),
+                    None, None, None, None, None, None, None)
         table = weight if embedding is None else embedding
         grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], with_cos)
         grad_ce, grad_cos = grad_ce.contiguous(), grad_cos.contiguous()
@@ -120,7 +157,8 @@ class LinearMixedRows(torch.autograd.Function):
             z = _chunk_logits(h, weight, bias, buffer)
             dz, dtab = ops.backward_rows(
                 z, labels[rows], table, tuple(saved), grad_ce[rows], grad_cos[rows],
-                temperature, k, ignore_index, with_cos, grads.need_logits, grads.need_table)
+                temperature, k, ignore_index, with_cos, grads.need_logits, grads.need_table,
+                embedding_grad_out=grads.float32_table())
             grads.add_chunk(dz, dtab, h, weight, rows)
         return (*grads.in_input_dtypes(), None, None, None, None, None, None, None)
 
@@ -155,7 +193,7 @@ class _Gradients:
         if self.hidden is not None:
             torch.mm(dz, weight, out=self.hidden[rows])
         if self.weight is not None:
-            _accumulate_mm(self.weight, dz.t(), h)
+            _add_transposed_product(self.weight, dz, h)
         if self.bias is not None:
             self.bias += dz.sum(dim=0, dtype=self.bias.dtype)
 
@@ -192,16 +230,91 @@ def _chunk_logits(h, weight, bias, buffer):
 
 def _accumulator(like):
     """A zero float32 (float64 for float64) accumulator of ``like``'s shape."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.zeros(like.shape, device=like.device, dtype=dtype)
+    return torch.zeros(like.shape, device=like.device, dtype=_accumulator_dtype(like))
 
 
-def _accumulate_mm(acc, a, b):
-    """acc += a @ b, in one addmm when the dtypes agree (else the product is rounded to a's dtype first)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc += torch.mm(a, b)
+def _accumulator_dtype(like):
+    """float64 for float64, float32 for everything else."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
+def _add_transposed_product(acc, dz, h):
+    """acc += dz.T @ h with the product in acc's dtype (float32 for bfloat16 / float16 inputs):
+    never rounded to the inputs' dtype before the sum. One addmm when the dtypes agree; else,
+    a block of vocabulary rows at a time, a matmul with a float32 output where torch has one
+    for the device (cuBLAS), or the block upcast to float32 (CPU: faster there than a bfloat16
+    matmul without AMX, and torch has no float32-output matmul on CPU)."""
+    if dz.dtype == acc.dtype:
+        acc.addmm_(dz.t(), h)
+        return
+    float32_output = _has_float32_output_mm(dz.device, dz.dtype, acc.dtype)
+    h_acc = None if float32_output else h.to(acc.dtype)
+    # the float32 temporary: the block's product [step, H], or its upcast logits gradient [rows, step]
+    step = max(1, PRODUCT_BLOCK_ELEMENTS // max(h.shape[1] if float32_output else dz.shape[0], 1))
+    for start in range(0, dz.shape[1], step):
+        block = dz[:, start:start + step]
+        if float32_output:
+            acc[start:start + step] += torch.mm(block.t(), h, out_dtype=acc.dtype)
+        else:
+            acc[start:start + step].addmm_(block.to(acc.dtype).t(), h_acc)
+
+
+_FLOAT32_OUTPUT_MM: dict = {}
+
+
+def _has_float32_output_mm(device, dtype, out_dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=out_dtype)`` runs for ``dtype`` inputs on this device
+    (cuBLAS since torch 2.8; not on CPU, where the product is upcast instead). Probed once."""
+    if device.type == "cpu":
+        return False
+    key = (device.type, dtype, out_dtype)
+    if key not in _FLOAT32_OUTPUT_MM:
+        probe = torch.ones(1, 1, device=device, dtype=dtype)
+        try:
+            torch.mm(probe, probe, out_dtype=out_dtype)
+            _FLOAT32_OUTPUT_MM[key] = True
+        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+            _FLOAT32_OUTPUT_MM[key] = False
+    return _FLOAT32_OUTPUT_MM[key]
+
+
+def _differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, grad_cos, needs, temperature, k,
+                             ignore_index, with_cos, chunk):
+    """(d hidden, d weight, d bias, d embedding) of ``sum_n grad_ce[n] ce_n + grad_cos[n] cos_n`` as a
+    graph of differentiable ops, for a backward run with ``create_graph=True`` (a gradient penalty, a
+    Hessian-vector product): the backends' hand-written backwards cannot be differentiated again, so
+    each chunk's logits and rows are recomputed by the reference's formulation (differentiable to any
+    order, whichever backend ran the forward) and differentiated by autograd. Every chunk's graph is
+    kept for the next differentiation: this backward costs the reference's memory on every chunk.
+    The shared gradients are summed over the chunks in float32 (float64) and rounded once."""
+    need_hidden, need_weight, need_bias, need_embedding = needs
+    need_embedding = need_embedding and with_cos  # without the cosine term the embedding has no gradient
+    table = weight if embedding is None else embedding
+    shared = [t for t, wanted in ((weight, need_weight), (bias, need_bias), (embedding, need_embedding)) if wanted]
+    hidden_grads = []
+    totals = [torch.zeros(t.shape, device=t.device, dtype=_accumulator_dtype(t)) for t in shared]
+    with torch.enable_grad():
+        for start, end in _chunks(hidden.shape[0], chunk):
+            h = hidden[start:end]
+            ce, cos, _ = reference_rows(F.linear(h, weight, bias), labels[start:end], table, temperature, k,
+                                        ignore_index, with_cos)
+            objective = (grad_ce[start:end].to(ce.dtype) * ce).sum()
+            if with_cos:
+                objective = objective + (grad_cos[start:end].to(cos.dtype) * cos).sum()
+            inputs = ([h] if need_hidden else []) + shared
+            if objective.requires_grad:
+                grads = list(torch.autograd.grad(objective, inputs, create_graph=True, materialize_grads=True))
+            else:  # nothing it depends on requires grad
+                grads = [torch.zeros_like(t) for t in inputs]
+            if need_hidden:
+                hidden_grads.append(grads.pop(0))
+            totals = [total + grad.to(total.dtype) for total, grad in zip(totals, grads)]
+    shared_grads = iter(total.to(t.dtype) for total, t in zip(totals, shared))
+    d_hidden = None
+    if need_hidden:
+        d_hidden = torch.cat(hidden_grads) if hidden_grads else torch.zeros_like(hidden)
+    return (d_hidden, next(shared_grads) if need_weight else None, next(shared_grads) if need_bias else None,
+            next(shared_grads) if need_embedding else None)
 
 
 def _unflatten(flat, sizes):

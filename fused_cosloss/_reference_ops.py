@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import reference_rows
+from .reference import compute_dtype, reference_rows
 
 
 def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | None:
@@ -27,29 +27,33 @@ def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_c
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
                   need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
     """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n, by autograd of the recomputed rows
-    (``inplace``: copied into the logits' storage; ``embedding_grad_out``: added to that tensor)."""
+    (``inplace``: copied into the logits' storage; ``embedding_grad_out``: added to that tensor).
+
+    The embedding is differentiated as the compute-dtype (float32) table the rows use, so that the
+    chunk's embedding gradient reaches ``embedding_grad_out`` unrounded: a bfloat16 table's gradient
+    rounded to bfloat16 chunk by chunk would add one rounding per chunk to the accumulated sum."""
     need_embedding_grad = need_embedding_grad and with_cos
-    storage = logits
+    storage, embedding_dtype = logits, embedding.dtype
     with torch.enable_grad():
         logits = logits.detach().requires_grad_(need_logits_grad)
-        embedding = embedding.detach().requires_grad_(need_embedding_grad)
-        ce, cos, _ = reference_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos)
+        table = embedding.detach().to(compute_dtype(logits.dtype)).requires_grad_(need_embedding_grad)
+        ce, cos, _ = reference_rows(logits, labels, table, temperature, k, ignore_index, with_cos)
         objective = (grad_ce.to(ce.dtype) * ce).sum()
         if with_cos:
             objective = objective + (grad_cos.to(cos.dtype) * cos).sum()
-        inputs = [t for t, needed in ((logits, need_logits_grad), (embedding, need_embedding_grad)) if needed]
+        inputs = [t for t, needed in ((logits, need_logits_grad), (table, need_embedding_grad)) if needed]
         if inputs and objective.requires_grad:
             grads = list(torch.autograd.grad(objective, inputs, allow_unused=True))
         else:  # every row ignored: the objective is a constant
             grads = [None] * len(inputs)
     dlogits = _zero_if_none(grads.pop(0), logits) if need_logits_grad else None
-    dembedding = _zero_if_none(grads.pop(0), embedding) if need_embedding_grad else None
+    dembedding = _zero_if_none(grads.pop(0), table) if need_embedding_grad else None
     if inplace and dlogits is not None:
         dlogits = storage.copy_(dlogits)
     if embedding_grad_out is not None and dembedding is not None:
         embedding_grad_out += dembedding
         dembedding = None
-    return dlogits, dembedding
+    return dlogits, None if dembedding is None else dembedding.to(embedding_dtype)
 
 
 def _zero_if_none(grad, like):

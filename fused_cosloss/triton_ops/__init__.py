@@ -300,12 +300,8 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
         demb = torch.zeros_like(embedding) if want_demb and embedding_grad_out is None else None
         return dlogits, demb
     if with_cos and k > SPARSE_MAX_K:
-        dlogits, demb = _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature,
-                                        ignore_index, need_logits_grad, want_demb, inplace)
-        if demb is not None and embedding_grad_out is not None:
-            embedding_grad_out += demb
-            demb = None
-        return dlogits, demb
+        return _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, ignore_index,
+                               need_logits_grad, want_demb, inplace, embedding_grad_out)
     dlogits = None
     if need_logits_grad:
         # outside S; the vocabulary pass writes S's entries
@@ -489,7 +485,9 @@ def _row_coefficients(cstats):
 
 
 def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, ignore_index,
-                    need_logits_grad, want_demb, inplace=False):
+                    need_logits_grad, want_demb, inplace=False, embedding_grad_out=None):
+    """The dense path's backward; with ``embedding_grad_out`` (float32 [V, H]) the embedding
+    gradient is added to it unrounded and None is returned for it."""
     stats, tie, _, _, mu, cstats = saved
     n, vocab = logits.shape
     device = logits.device
@@ -526,17 +524,20 @@ def _dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, tempera
     if want_demb:
         e = table.index_select(0, safe_labels)
         t = grad_cos[:, None] * (a[:, None] * mu + d[:, None] * e)
-        demb = _add_target_terms(embedding, labels, rows_used, t, dtable)
-    return dlogits, demb
+        if embedding_grad_out is not None:
+            dtable += embedding_grad_out
+        demb = _add_target_terms(embedding, labels, rows_used, t, dtable, out=embedding_grad_out)
+    return dlogits, (None if embedding_grad_out is not None else demb)
 
 
-def _add_target_terms(embedding, labels, rows_used, t, base):
+def _add_target_terms(embedding, labels, rows_used, t, base, out=None):
     """base + the target entries' dE (rows of t summed per label, in row order), rounded once
-    to E's dtype: the vocabulary pass with no S entries."""
+    to E's dtype, or written to ``out`` (float32, may be ``base`` itself): the vocabulary pass
+    with no S entries."""
     vocab, hidden = embedding.shape
     device = embedding.device
     t_rows, t_offsets = _target_segments(labels, rows_used, vocab)
-    demb = torch.empty_like(embedding)
+    demb = torch.empty_like(embedding) if out is None else out
     chunk = min(_next_pow2(hidden), MAX_HIDDEN_CHUNK)
     vtiles = _vocab_tiles(chunk)
     for h0 in range(0, hidden, chunk):
