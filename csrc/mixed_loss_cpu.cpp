@@ -7,7 +7,10 @@
 // Forward, per valid row n (rows split over threads with at::parallel_for):
 //   1. one pass over z_n (from memory): per-block maxima (blocks of `bs` logits),
 //      the row max m and a NaN check;
-//   2. sum exp(z - m) from L2 (vexp, an inlined vectorised exp): lse, ce, argmax == label;
+//   2. sum exp(z - m) from L2 (vexp, an inlined vectorised exp): logsum = log sum exp(z - m),
+//      ce = logsum - (z_y - m) (relative to the max, as log_softmax: never through
+//      lse = m + logsum, whose rounding to the precision of |m| would reach ce and dz),
+//      argmax == label;
 //   3. top-k by selection: the k-th largest block maximum t0 is a lower bound of
 //      the k-th largest logit, so only blocks whose maximum is >= t0 are scanned
 //      for candidates z >= t0 (about 1.2 k of them for random rows); the k-th best
@@ -16,14 +19,17 @@
 //   4. w = softmax(z_S / T); mu = sum w_i E[i] (the gather, skipping w_i == 0);
 //      cos; g = dcos/dmu and g_e = dcos/de; s_i = E[i] . g while those rows are
 //      still in cache; c_i = w_i (s_i - sum_j w_j s_j) / T.
-//   Saved: stats [N,2] = (lse, cos), idx [N,K] int32, w [N,K], c [N,K], g2 [N,2,H].
+//   Saved: stats [N,3] = (m, logsum, cos), idx [N,K] int32, w [N,K], c [N,K], g2 [N,2,H].
 // Backward:
-//   dz_n = grad_ce_n * (exp(z_n - lse_n) - onehot(y_n)), plus grad_cos_n * c at S,
+//   dz_n = grad_ce_n * (exp((z_n - m_n) - logsum_n) - onehot(y_n)), plus grad_cos_n * c at S,
 //   built in L1-sized float tiles and written once per element with streaming stores;
 //   dE: the (vocabulary row, contribution) pairs grad_cos_n * w_{n,i} * g_n and
 //   grad_cos_n * g_e,n are counting-sorted by vocabulary row (CSR, fixed order), then
 //   each vocabulary row is summed by one thread in that order: deterministic and
 //   independent of the number of threads, no atomics.
+// Rows (and vocabulary rows) are processed in blocks of some tens of milliseconds; between
+// blocks the calling thread lets Python handle a pending signal, so Ctrl-C interrupts a long
+// call (KeyboardInterrupt) instead of waiting for it to return.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -71,6 +77,34 @@ void advise_huge_pages(void* p, int64_t bytes) {
   (void)p;
   (void)bytes;
 #endif
+}
+
+// Work (in elements touched) per thread in one block of parallel_blocks: some tens of
+// milliseconds, so that the fork/join per block costs nothing measurable (also on a loaded
+// machine, where a descheduled thread delays every join) and Ctrl-C still acts at once.
+constexpr int64_t kBlockWorkPerThread = int64_t{1} << 25;
+
+// Ctrl-C: Python's own signal handler only records the signal; it is acted on when Python code
+// runs again, i.e. after this call returns. The bindings keep the GIL, so the calling thread
+// may run the pending handlers itself (PyErr_CheckSignals) and turn their exception
+// (KeyboardInterrupt) into a C++ one that pybind11 raises again in Python.
+void check_interrupt() {
+  if (PyGILState_Check() && PyErr_CheckSignals() != 0) throw pybind11::error_already_set();
+}
+
+// at::parallel_for(0, n, grain, fn) in consecutive blocks of about kBlockWorkPerThread *
+// threads elements of work (each item costing `item_work`; at least two grains per thread,
+// so that every thread has work), checking for Ctrl-C between blocks, on the calling
+// thread, outside any parallel region.
+template <typename F>
+void parallel_blocks(int64_t n, int64_t item_work, int64_t grain, const F& fn) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block = std::max<int64_t>(2 * threads * grain,
+                                          kBlockWorkPerThread * threads / std::max<int64_t>(1, item_work));
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    at::parallel_for(b0, std::min(n, b0 + block), grain, fn);
+    if (b0 + block < n) check_interrupt();
+  }
 }
 
 struct Cand {
@@ -147,8 +181,9 @@ struct ForwardRows {
     ce[n] = 0.f;
     cosv[n] = 0.f;
     correct[n] = false;
-    stats[2 * n] = 0.f;
-    stats[2 * n + 1] = 0.f;
+    stats[3 * n] = 0.f;
+    stats[3 * n + 1] = 0.f;
+    stats[3 * n + 2] = 0.f;
     if (with_cos) fill_saved_for_skipped_row(n, 0.f);
   }
 
@@ -201,7 +236,7 @@ struct ForwardRows {
       return;
     }
 
-    // Pass 2: log-sum-exp (torch.logsumexp's convention for an infinite max).
+    // Pass 2: the log-sum relative to the max (torch.logsumexp's convention for an infinite max: shift 0).
     const float shift = std::isinf(m) ? 0.f : m;
     {
       const Vec sh(shift);
@@ -214,15 +249,16 @@ struct ForwardRows {
       for (; j + kVec <= V; j += kVec) a0 = a0 + vexp(Vec::loadu(z + j) - sh);
       float sum = hsum(a0 + a1);
       for (; j < V; ++j) sum += std::exp(z[j] - shift);
-      const float lse = shift + std::log(sum);
-      ce[n] = lse - z[y];
-      stats[2 * n] = lse;
+      const float logsum = std::log(sum);
+      ce[n] = logsum - (z[y] - shift);
+      stats[3 * n] = shift;
+      stats[3 * n + 1] = logsum;
     }
     correct[n] = is_first_max(z, y, m);
 
     if (!with_cos) {
       cosv[n] = 0.f;
-      stats[2 * n + 1] = 0.f;
+      stats[3 * n + 2] = 0.f;
       return;
     }
     int32_t* S = idx + n * s.k;
@@ -246,9 +282,10 @@ struct ForwardRows {
     while (first < s.vocab && !(z[first] != z[first])) ++first;
     ce[n] = kNaN;
     correct[n] = first == y;
-    stats[2 * n] = kNaN;
+    stats[3 * n] = kNaN;
+    stats[3 * n + 1] = kNaN;
     cosv[n] = with_cos ? kNaN : 0.f;
-    stats[2 * n + 1] = cosv[n];
+    stats[3 * n + 2] = cosv[n];
     if (with_cos) fill_saved_for_skipped_row(n, kNaN);
   }
 
@@ -344,7 +381,7 @@ struct ForwardRows {
     const float dmu = std::max(nmu, kEps), de = std::max(ne, kEps);
     const float cs = dme / (dmu * de);
     cosv[n] = cs;
-    stats[2 * n + 1] = cs;
+    stats[3 * n + 2] = cs;
 
     // g = dcos/dmu = e / (|mu| |e|) - cos mu / |mu|^2 (norms clamped at eps, as autograd of clamp_min)
     const float a = 1.f / (dmu * de);
@@ -372,7 +409,7 @@ struct ForwardRows {
 void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& emb, int64_t k) {
   TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu() && emb.device().is_cpu(),
               "fused_cosloss native: CPU tensors expected");
-  TORCH_CHECK(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1),
+  TORCH_CHECK(logits.dim() == 2 && (logits.size(0) == 0 || logits.size(1) <= 1 || logits.stride(1) == 1),
               "fused_cosloss native: logits must be [N, V] with unit stride along V");
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
               "fused_cosloss native: logits must be float32 or bfloat16, got ", logits.scalar_type());
@@ -418,7 +455,8 @@ void forward_dispatch(const Shapes& s, const at::Tensor& logits, const at::Tenso
   proto.w = with_cos ? out[5].data_ptr<float>() : nullptr;
   proto.c = with_cos ? out[6].data_ptr<float>() : nullptr;
   proto.g2 = with_cos ? out[7].data_ptr<float>() : nullptr;
-  at::parallel_for(0, s.n, 1, [&](int64_t begin, int64_t end) {
+  const int64_t row_work = s.vocab + (with_cos ? 2 * s.k * s.hidden : 0);
+  parallel_blocks(s.n, row_work, 1, [&](int64_t begin, int64_t end) {
     ForwardRows<TL, TE> worker = proto;
     worker.init_scratch();
     for (int64_t n = begin; n < end; ++n) worker.run(n);
@@ -441,7 +479,7 @@ void backward_logits(const Shapes& s, const at::Tensor& logits, const at::Tensor
   const int64_t dz_stride = dz.stride(0);
   const int64_t* lab = labels.data_ptr<int64_t>();
   const int64_t V = s.vocab, K = s.k;
-  at::parallel_for(0, s.n, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(s.n, V, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> zbuf(std::is_same_v<TL, float> ? 0 : V);
     alignas(64) float tile[kTile];
     alignas(64) TL out_tile[std::is_same_v<TL, float> ? 1 : kTile];
@@ -455,24 +493,25 @@ void backward_logits(const Shapes& s, const at::Tensor& logits, const at::Tensor
         continue;
       }
       const float* z = row_as_float(lp + n * s.row_stride, V, zbuf);
-      const float lse = stats[2 * n];
+      const float shift = stats[3 * n], logsum = stats[3 * n + 1];
       const float gce = grad_ce[n];
       const float gcos = with_cos ? grad_cos[n] : 0.f;
       const int32_t* S = with_cos ? idx + n * K : nullptr;
       const float* cn = with_cos ? c + n * K : nullptr;
       // S is in increasing vocabulary order (-1 everywhere for a NaN row: no sparse terms).
       int64_t p = (with_cos && S[0] >= 0) ? 0 : K;
-      const Vec lv(lse), gv(gce);
+      // p = exp((z - m) - logsum): relative to the max, so that p keeps its precision at any |z|
+      const Vec mv(shift), lv(logsum), gv(gce);
       for (int64_t t0 = 0; t0 < V; t0 += kTile) {
         const int64_t len = std::min(kTile, V - t0);
         const float* zt = z + t0;
         int64_t j = 0;
         for (; j + 2 * kVec <= len; j += 2 * kVec) {
-          (gv * vexp(Vec::loadu(zt + j) - lv)).store(tile + j);
-          (gv * vexp(Vec::loadu(zt + j + kVec) - lv)).store(tile + j + kVec);
+          (gv * vexp((Vec::loadu(zt + j) - mv) - lv)).store(tile + j);
+          (gv * vexp((Vec::loadu(zt + j + kVec) - mv) - lv)).store(tile + j + kVec);
         }
-        for (; j + kVec <= len; j += kVec) (gv * vexp(Vec::loadu(zt + j) - lv)).store(tile + j);
-        for (; j < len; ++j) tile[j] = gce * std::exp(zt[j] - lse);
+        for (; j + kVec <= len; j += kVec) (gv * vexp((Vec::loadu(zt + j) - mv) - lv)).store(tile + j);
+        for (; j < len; ++j) tile[j] = gce * std::exp((zt[j] - shift) - logsum);
         if (y >= t0 && y < t0 + len) tile[y - t0] -= gce;
         for (; p < K && S[p] < t0 + len; ++p) tile[S[p] - t0] += gcos * cn[p];
         if constexpr (std::is_same_v<TL, float>) {
@@ -500,7 +539,7 @@ void backward_embedding(const Shapes& s, const at::Tensor& labels, const float* 
   const int64_t* lab = labels.data_ptr<int64_t>();
   auto row_used = [&](int64_t n) {
     // a zero coefficient contributes nothing unless the row is non-finite (0 * NaN is NaN, as in autograd)
-    return lab[n] != ignore_index && (grad_cos[n] != 0.f || !std::isfinite(stats[2 * n + 1]));
+    return lab[n] != ignore_index && (grad_cos[n] != 0.f || !std::isfinite(stats[3 * n + 2]));
   };
   // Counting sort of the contributions by vocabulary row (CSR), in (n, i) order.
   std::vector<int64_t> offsets(V + 1, 0);
@@ -529,14 +568,16 @@ void backward_embedding(const Shapes& s, const at::Tensor& labels, const float* 
   TE* out = dE.data_ptr<TE>();
   if (accumulate) {  // dE is a float32 accumulator: add each row's sum to it, leave untouched rows alone
     float* acc_out = dE.data_ptr<float>();
-    at::parallel_for(0, V, 64, [&](int64_t begin, int64_t end) {
+    const int64_t row_work = H * std::max<int64_t>(1, offsets[V] / std::max<int64_t>(1, V));
+    parallel_blocks(V, row_work, 64, [&](int64_t begin, int64_t end) {
       for (int64_t v = begin; v < end; ++v)
         for (int64_t e = offsets[v]; e < offsets[v + 1]; ++e)
           axpy(entries[e].coef, g2 + static_cast<int64_t>(entries[e].src) * H, acc_out + v * H, H);
     });
     return;
   }
-  at::parallel_for(0, V, 64, [&](int64_t begin, int64_t end) {
+  const int64_t row_work = H * std::max<int64_t>(1, offsets[V] / std::max<int64_t>(1, V));
+  parallel_blocks(V, row_work, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(H);
     std::vector<TE> converted(std::is_same_v<TE, float> ? 0 : H);
     std::vector<TE> zeros(H, TE(0.f));
@@ -572,7 +613,7 @@ std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& labe
   out.push_back(at::empty({s.n}, f32));                                      // ce
   out.push_back(at::empty({s.n}, f32));                                      // cos
   out.push_back(at::empty({s.n}, logits.options().dtype(at::kBool)));        // correct
-  out.push_back(at::empty({s.n, 2}, f32));                                   // stats: lse, cos
+  out.push_back(at::empty({s.n, 3}, f32));                                   // stats: m, logsum, cos
   const int64_t kk = with_cos ? s.k : 0;
   out.push_back(at::empty({with_cos ? s.n : 0, kk}, f32.dtype(at::kInt)));   // idx
   out.push_back(at::empty({with_cos ? s.n : 0, kk}, f32));                   // w
@@ -599,7 +640,7 @@ std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& lab
               "fused_cosloss native: grad_ce must be a contiguous float32 [N]");
   TORCH_CHECK(grad_cos.scalar_type() == at::kFloat && grad_cos.is_contiguous() && grad_cos.numel() == s.n,
               "fused_cosloss native: grad_cos must be a contiguous float32 [N]");
-  TORCH_CHECK(stats.is_contiguous() && stats.numel() == 2 * s.n, "fused_cosloss native: bad saved stats");
+  TORCH_CHECK(stats.is_contiguous() && stats.numel() == 3 * s.n, "fused_cosloss native: bad saved stats");
   if (with_cos) {
     TORCH_CHECK(idx.is_contiguous() && idx.numel() == s.n * s.k && w.is_contiguous() && w.numel() == s.n * s.k &&
                     c.is_contiguous() && c.numel() == s.n * s.k && g2.is_contiguous() &&

@@ -37,10 +37,13 @@ from __future__ import annotations
 import torch
 
 from ._loss_terms import loss_coefficients, reduced_loss
+from .errors import UnsupportedDifferentiationError
+from .reference import reference_rows
 
 
 class KernelRows(torch.autograd.Function):
-    """Per-position (ce, cos, correct) from a kernel backend, differentiable in logits and embedding."""
+    """Per-position (ce, cos, correct) from a kernel backend, differentiable in logits and embedding
+    (to any order: a backward with ``create_graph=True`` goes through ``differentiable_gradients``)."""
 
     @staticmethod
     def forward(ctx, logits, embedding, labels, ops, temperature, k, ignore_index, with_cos, inplace_grad=False):
@@ -54,6 +57,15 @@ class KernelRows(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_cos, _grad_correct):
         logits, embedding, labels, *saved = ctx.saved_tensors
         ops, temperature, k, ignore_index, with_cos, inplace_grad = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            if inplace_grad:
+                raise UnsupportedDifferentiationError(
+                    "mixed_loss: inplace_grad=True writes the logits gradient over the logits, so it cannot be "
+                    "differentiated again (create_graph=True); pass inplace_grad=False for a higher-order gradient")
+            dlogits, dembedding = differentiable_gradients(
+                logits, labels, embedding, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+                need_logits_grad=ctx.needs_input_grad[0], need_embedding_grad=ctx.needs_input_grad[1])
+            return dlogits, dembedding, None, None, None, None, None, None, None
         dlogits, dembedding = ops.backward_rows(
             logits, labels, embedding, tuple(saved), grad_ce.contiguous(), grad_cos.contiguous(),
             temperature, k, ignore_index, with_cos, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
@@ -65,10 +77,34 @@ class KernelRows(torch.autograd.Function):
         return dlogits, dembedding, None, None, None, None, None, None, None
 
 
+def differentiable_gradients(logits, labels, embedding, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+                             *, need_logits_grad, need_embedding_grad):
+    """The gradients of ``sum_n grad_ce[n] * ce_n + grad_cos[n] * cos_n`` as a graph of differentiable
+    ops, for a backward run with ``create_graph=True`` (a gradient penalty, a Hessian-vector product):
+    a kernel's hand-written backward cannot be differentiated again, so these rows are recomputed
+    by the reference's formulation (differentiable to any order) and differentiated by autograd.
+    The same gradients, at the reference's cost, for that backward only."""
+    inputs = [tensor for tensor, wanted in ((logits, need_logits_grad), (embedding, need_embedding_grad)) if wanted]
+    if not inputs:
+        return None, None
+    with torch.enable_grad():
+        ce, cos, _ = reference_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos)
+    pairs = [(out, grad) for out, grad in ((ce, grad_ce), (cos, grad_cos)) if out.requires_grad and grad is not None]
+    grads = iter(torch.autograd.grad([out for out, _ in pairs], inputs, [grad for _, grad in pairs],
+                                     create_graph=True, allow_unused=True, materialize_grads=True) if pairs else
+                 [torch.zeros_like(tensor) for tensor in inputs])
+    dlogits = next(grads) if need_logits_grad else None
+    dembedding = next(grads) if need_embedding_grad else None
+    if not with_cos:
+        dembedding = None  # the loss does not depend on the embedding then (as every backend returns)
+    return dlogits, dembedding
+
+
 def kernel_layouts(logits, labels, embedding):
     """The layouts the protocol promises a kernel (no copy where the inputs already have them)."""
     if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+        # an empty tensor counts as contiguous whatever its strides, so .contiguous() would keep them
+        logits = logits.clone(memory_format=torch.contiguous_format) if logits.numel() == 0 else logits.contiguous()
     return logits, labels.long().contiguous(), embedding.contiguous()
 
 
@@ -114,6 +150,11 @@ class KernelLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ce, grad_cos, _grad_correct):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient computed in the forward has no graph
+            raise UnsupportedDifferentiationError(
+                "mixed_loss: with grad_in_forward the gradient is computed in the forward and cannot be "
+                "differentiated again (create_graph=True, e.g. a gradient penalty); pass grad_in_forward=False "
+                "(the backward then builds a differentiable graph) or backend='reference'")
         if grad_ce is not None or grad_cos is not None:
             raise RuntimeError(
                 "mixed_loss: with grad_in_forward the gradient is computed in the forward for the loss only, so its "

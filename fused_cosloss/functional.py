@@ -6,10 +6,13 @@ from typing import NamedTuple
 import torch
 
 from . import backends
+from ._compiler_marks import assume_constant_result
 from ._custom_ops import compiled_kernel_rows
 from ._kernel_function import kernel_loss, kernel_rows
 from ._loss_terms import loss_rows
-from ._validation import check_flag, check_label_range, check_scalars, check_tensors
+from ._meta import meta_rows
+from ._validation import check_flag, check_ignore_index, check_label_range, check_scalars, check_tensors
+from .errors import UnsupportedDifferentiationError
 from .reference import reference_rows
 
 
@@ -79,8 +82,10 @@ def mixed_loss(
         The loss (a scalar, or the per-position values for ``"none"``: 0 at ignored
         positions) in float32 (float64 for float64 logits), or a :class:`MixedLossOutput`.
     """
-    check_scalars(alpha, temperature, topk, reduction, backend)
-    check_flag("inplace_grad", inplace_grad)
+    alpha, temperature, topk = check_scalars(alpha, temperature, topk, reduction, backend)
+    ignore_index = check_ignore_index(ignore_index)
+    for name, flag in (("shift", shift), ("return_parts", return_parts), ("inplace_grad", inplace_grad)):
+        check_flag(name, flag)
     check_flag("grad_in_forward", grad_in_forward, optional=True)
     check_tensors(logits, labels, embedding, shift)
     vocab = logits.shape[-1]
@@ -92,6 +97,10 @@ def mixed_loss(
 
     flat_logits, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
     with_cos = alpha > 0 or return_parts
+    if logits.is_meta:  # shapes and dtypes only (see _meta.py)
+        ce_rows, cos_rows, correct = meta_rows(flat_logits, cos_shared=(embedding,), with_cos=with_cos)
+        return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
+                        reduction=reduction, shift=shift, return_parts=return_parts)
     loss = None
     if _grad_in_forward(grad_in_forward, reduction, return_parts, logits, embedding):
         ops = backends.resolve(backend, flat_logits, embedding)
@@ -156,7 +165,7 @@ def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 _KERNEL_NAMES = {module: name for name, module in backends.KERNEL_MODULES.items()}
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _resolved_name(backend: str, logits_device, logits_dtype, embedding_device, embedding_dtype) -> str:
     """The backend ``backends.resolve`` picks for tensors of these devices and dtypes, by name
     (run once per compilation: the choice is a constant of the graph)."""
@@ -196,6 +205,10 @@ class GradIntoLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: a copy into the logits' storage has no graph
+            raise UnsupportedDifferentiationError(
+                "mixed_loss: inplace_grad=True writes the logits gradient over the logits, so it cannot be "
+                "differentiated again (create_graph=True); pass inplace_grad=False for a higher-order gradient")
         (logits,) = ctx.saved_tensors
         with torch.no_grad():
             logits.copy_(grad)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from . import _reference_ops, backends
+from . import _compiler_marks as compiler_marks, _reference_ops, backends
 from ._kernel_function import kernel_layouts
 from ._linear_function import LinearMixedLoss, LinearMixedRows
-from ._validation import check_chunk_size, check_label_range, check_linear_tensors, check_scalars
+from ._meta import meta_rows
+from ._validation import (check_chunk_size, check_flag, check_ignore_index, check_label_range, check_linear_tensors,
+                          check_scalars)
 from .functional import assemble, shift_labels
 
 # Default chunk: about this many logits at a time (V = 50257: 333 rows on CPU, 1335 on CUDA).
@@ -38,10 +40,14 @@ def linear_mixed_loss(
     computed in the forward (each chunk's logits gradient is written over the chunk and
     turned into the hidden / weight / bias gradients at once): the backward costs nothing
     more, and the ``.ce`` / ``.cos`` parts of ``return_parts`` are for reading, not for
-    differentiating. With ``reduction="none"`` the backward recomputes each chunk's logits.
-    Peak extra memory is about one or two chunks of logits, float32 accumulators of
-    weight's (and bias's, embedding's) size and the gradient of hidden, plus, for
-    ``"none"``, O(N * (K + H)) saved per position.
+    differentiating, and a second backward or one with ``create_graph=True`` raises
+    :class:`~fused_cosloss.UnsupportedDifferentiationError`. With ``reduction="none"`` the
+    backward recomputes each chunk's logits: it can run again, and with ``create_graph=True``
+    it builds a differentiable graph (through the reference's formulation, at its cost).
+    Weight, bias and embedding gradients are summed over the chunks in float32 and rounded
+    to the inputs' dtype once. Peak extra memory is about one or two chunks of logits,
+    float32 accumulators of weight's (and bias's, embedding's) size and the gradient of
+    hidden, plus, for ``"none"``, O(N * (K + H)) saved per position.
 
     Args:
         hidden: ``[..., H]`` float32, bfloat16, float16 (or float64), e.g. the last hidden
@@ -58,13 +64,22 @@ def linear_mixed_loss(
     Returns:
         What :func:`fused_cosloss.mixed_loss` returns on the logits ``hidden @ weight.T + bias``.
     """
-    check_scalars(alpha, temperature, topk, reduction, backend)
+    alpha, temperature, topk = check_scalars(alpha, temperature, topk, reduction, backend)
+    ignore_index = check_ignore_index(ignore_index)
+    check_flag("shift", shift)
+    check_flag("return_parts", return_parts)
     check_linear_tensors(hidden, weight, labels, embedding, bias, shift)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     vocab = weight.shape[0]
     if shift:
         labels = shift_labels(labels, ignore_index)
     check_label_range(labels, vocab, ignore_index)
+    if hidden.is_meta:  # shapes and dtypes only (see _meta.py)
+        ce_rows, cos_rows, correct = meta_rows(
+            hidden.reshape(-1, hidden.shape[-1]), shared=[t for t in (weight, bias) if t is not None],
+            cos_shared=[embedding] if embedding is not None else [], with_cos=alpha > 0 or return_parts)
+        return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
+                        reduction=reduction, shift=shift, return_parts=return_parts)
 
     loss, ce_rows, cos_rows, correct = _linear_rows(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, embedding, labels.reshape(-1),
@@ -81,7 +96,7 @@ def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
     return max(1, min(n, budget // vocab))
 
 
-@torch.compiler.disable
+@compiler_marks.disable
 def _linear_rows(hidden, weight, bias, embedding, labels, temperature, topk, ignore_index, *, with_cos, backend,
                  chunk_size, alpha, reduction):
     """(loss or None, ce, cos, correct) per position; the loss when it was computed with its gradient."""

@@ -13,9 +13,12 @@ classes and SLEEF's vectorised ``expf`` from libtorch, and a build is only ever
 loaded on a CPU that torch says supports its instruction set (no ``-march=native``).
 ``FUSED_COSLOSS_NATIVE_ISA`` asks for a lower one (AVX2 or DEFAULT), e.g. to test them.
 
-If the build fails, ``unavailable_reason`` returns the compiler's message, so that
-``backend="native"`` raises it and ``backend="auto"`` warns once and uses the reference.
-Other knobs: ``FUSED_COSLOSS_CSRC`` (a different source directory),
+A build says so on the ``fused_cosloss`` logger when it starts and when it is done
+(``_build_report.py``); ``python -m fused_cosloss.build`` runs it ahead of time. If it fails,
+``unavailable_reason`` returns its cause in one line, the fix and where the build log is, so
+that ``backend="native"`` raises that and ``backend="auto"`` warns once and uses the reference.
+Other knobs: ``FUSED_COSLOSS_VERBOSE=1`` (ninja's output as it builds, and the build log in
+the message of a failure), ``FUSED_COSLOSS_CSRC`` (a different source directory),
 ``FUSED_COSLOSS_DISABLE_NATIVE=1`` (report the backend unavailable),
 ``FUSED_COSLOSS_NATIVE_POOL_MB`` (the gradient-buffer cache below; 0 turns it off).
 
@@ -26,9 +29,13 @@ costs more than computing the gradient on CPU). :func:`empty_cache` frees it.
 
 The protocol (see ``_kernel_function.py``): ``unavailable_reason``, ``forward_rows``,
 ``backward_rows``. The saved state is ``(stats, idx, w, c, g2)``: per row the
-log-sum-exp and cosine, the top-k indices (int32), their softmax weights, the
-cosine's logit-gradient coefficients at them, and dcos/dmu, dcos/de
-(``N * (3K + 2H + 2)`` floats in all; only ``stats`` without the cosine term).
+maximum m, log sum exp(z - m) and the cosine, the top-k indices (int32), their softmax
+weights, the cosine's logit-gradient coefficients at them, and dcos/dmu, dcos/de
+(``N * (3K + 2H + 3)`` floats in all; only ``stats`` without the cosine term).
+
+A long call can be interrupted (Ctrl-C raises ``KeyboardInterrupt`` from it): the kernel
+runs its rows in blocks of some tens of milliseconds and lets Python handle pending signals
+between them.
 """
 from __future__ import annotations
 
@@ -40,9 +47,12 @@ import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
+
+from . import _build_report
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _COMMON_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
@@ -142,6 +152,9 @@ def _build():
             if library.exists():
                 return _import_library(name, library)
 
+    compiler, compiler_where = _build_report.find_compiler()  # before anything else: the likeliest failure
+    _ensure_ninja_on_path()
+    _build_report.require_ninja()
     src_dir = build_dir / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     for path in files:  # a private copy: the build does not depend on where the package lives
@@ -150,20 +163,25 @@ def _build():
             tmp = src_dir / f".{path.name}.{os.getpid()}.tmp"
             tmp.write_bytes(path.read_bytes())
             os.replace(tmp, target)
-    _ensure_ninja_on_path()
     from torch.utils import cpp_extension
 
-    module = cpp_extension.load(
-        name=name,
-        sources=[str(src_dir / p.name) for p in files if p.suffix == ".cpp"],
-        extra_cflags=cflags,
-        extra_ldflags=_COMMON_LDFLAGS,
-        extra_include_paths=[str(src_dir)],
-        build_directory=str(build_dir),
-        with_cuda=False,
-        verbose=os.environ.get("FUSED_COSLOSS_VERBOSE_BUILD", "") not in ("", "0"),
-    )
+    _build_report.announce_start(compiler, compiler_where, build_dir)
+    started = time.monotonic()
+    try:
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(src_dir / p.name) for p in files if p.suffix == ".cpp"],
+            extra_cflags=cflags,
+            extra_ldflags=_COMMON_LDFLAGS,
+            extra_include_paths=[str(src_dir)],
+            build_directory=str(build_dir),
+            with_cuda=False,
+            verbose=_build_report.verbose(),
+        )
+    except Exception as error:  # the compiler's or the loader's message, led by its cause
+        raise _build_report.diagnose(error, compiler, build_dir / "build.log") from error
     done.write_text(f"{name}\n{chosen}\n{' '.join(cflags)}\n")
+    _build_report.announce_done(time.monotonic() - started, build_dir)
     _prune_old_builds(build_dir.parent)
     return module
 
@@ -177,8 +195,6 @@ def _prune_old_builds(root: Path) -> None:
     built a week ago or more (each source edit or torch upgrade makes a new one). Builds in
     progress (no BUILD_OK yet) are never touched; a removed build still loaded elsewhere keeps
     working, and is rebuilt if asked for again."""
-    import time
-
     finished = []
     for path in root.glob("native-*"):
         marker = path / "BUILD_OK"
@@ -202,8 +218,11 @@ def _load():
             else:
                 try:
                     _state["module"] = _build()
-                except Exception as error:  # compiler, ninja, loader: report, never crash the caller
+                except _build_report.NativeBuildError as error:  # cause, fix, where the log is
+                    _state["error"], _state["exception"] = str(error), error
+                except Exception as error:  # anything else: report, never crash the caller
                     _state["error"] = f"the native CPU kernel failed to build or load: {type(error).__name__}: {error}"
+                    _state["exception"] = error
         return _state.get("module"), _state.get("error")
 
 
@@ -214,10 +233,11 @@ def _reset() -> None:
 
 
 def extension():
-    """The compiled extension module; RuntimeError with the build's message if it failed."""
+    """The compiled extension module; RuntimeError with the build's message if it failed (chained
+    to the build's own exception, whose message holds the full build log)."""
     module, error = _load()
     if module is None:
-        raise RuntimeError(error)
+        raise RuntimeError(error) from _state.get("exception")
     return module
 
 
@@ -260,7 +280,7 @@ def fake_forward_rows(logits, labels, embedding, temperature, k, ignore_index, w
     n, hidden = logits.shape[0], embedding.shape[1]
     rows, kk = (n, int(k)) if with_cos else (0, 0)
     f32 = dict(device=logits.device, dtype=torch.float32)
-    stats = torch.empty(n, 2, **f32)
+    stats = torch.empty(n, 3, **f32)
     saved = (stats, torch.empty(rows, kk, device=logits.device, dtype=torch.int32), torch.empty(rows, kk, **f32),
              torch.empty(rows, kk, **f32), torch.empty(rows, 2, hidden, **f32))
     correct = torch.empty(n, device=logits.device, dtype=torch.bool)

@@ -1,12 +1,18 @@
 """The pure-PyTorch reference: the oracle for every backend and the fallback where none runs.
 
 It computes SPEC.md literally with differentiable PyTorch ops, in float32 (float64 stays
-float64), on any device. It never builds an ``[N, K, H]`` gather (the expected embedding
-is an ``embedding_bag`` weighted sum) nor a softmax copy of the logits, except when the
-top-k covers the whole vocabulary, where the expected embedding is a dense
-``softmax(z / T) @ E`` (``N * V`` extra floats).
+float64, and autocast is turned off inside), on any device. It never builds an ``[N, K, H]``
+gather (the expected embedding is an ``embedding_bag`` weighted sum) nor a softmax copy of
+the logits, except when the top-k covers the whole vocabulary, where the expected embedding
+is a dense ``softmax(z / T) @ E`` (``N * V`` extra floats), and except in a backward that
+builds a graph itself (``create_graph=True``): there the weighted sum is differentiated
+through an ``[N, K, H]`` gather, since ``embedding_bag``'s own backward cannot be.
+Every softmax and log-sum-exp works relative to the row's maximum, so that ce and the
+gradients keep their precision however large the logits are.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +62,83 @@ def _select_topk_traceable(z: torch.Tensor, k: int) -> torch.Tensor:
 
 def expected_embedding(z: torch.Tensor, embedding: torch.Tensor, temperature: float, k: int) -> torch.Tensor:
     """mu_n = sum over the top-k of row n of softmax(z[S] / T)_i * E[i], shape [N, H]."""
+    traced = torch.compiler.is_compiling()  # the plain ops there: the graph is differentiated by AOTAutograd
     if k >= z.shape[-1]:
-        return tempered_softmax(z, temperature) @ embedding
+        weights = tempered_softmax(z, temperature)
+        return weights @ embedding if traced else Float32MatMul.apply(weights, embedding)
     idx = select_topk(z, k)
     weights = tempered_softmax(z.gather(1, idx), temperature)
-    return F.embedding_bag(idx, embedding, per_sample_weights=weights, mode="sum")
+    if traced:
+        return F.embedding_bag(idx, embedding, per_sample_weights=weights, mode="sum")
+    return WeightedRowSum.apply(idx, embedding, weights)
+
+
+class Float32MatMul(torch.autograd.Function):
+    """``a @ b`` with autocast off in the forward and in the backward: a backward run inside an
+    autocast region (``loss.backward()`` under ``torch.autocast``) would otherwise compute the
+    gradients' matrix products in bfloat16/float16. Differentiable again (its backward is made of
+    matrix products)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        with autocast_off(a.device):
+            return a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        with autocast_off(grad.device):
+            da = grad @ b.transpose(0, 1) if ctx.needs_input_grad[0] else None
+            db = a.transpose(0, 1) @ grad if ctx.needs_input_grad[1] else None
+        return da, db
+
+
+class WeightedRowSum(torch.autograd.Function):
+    """``out[n] = sum_k weights[n, k] * table[idx[n, k]]`` ([N, H]), computed and differentiated
+    by ``embedding_bag``'s kernels (no ``[N, K, H]`` gather), and differentiable again.
+
+    ``embedding_bag``'s backward has no derivative, so a backward that must build a graph
+    (``create_graph=True``: grad mode is on inside it) expresses the same gradients with
+    differentiable ops instead, gathering ``[N, K, H]`` rows of the table for that call only."""
+
+    @staticmethod
+    def forward(ctx, idx, table, weights):
+        n, k = idx.shape
+        flat_idx = idx.reshape(-1)
+        offsets = torch.arange(0, n * k, k, device=idx.device, dtype=idx.dtype)
+        out, offset2bag, bag_size, max_indices = torch.ops.aten._embedding_bag(
+            table, flat_idx, offsets, False, 0, False, weights.reshape(-1))
+        ctx.save_for_backward(idx, table, weights, offsets, offset2bag, bag_size, max_indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        idx, table, weights, offsets, offset2bag, bag_size, max_indices = ctx.saved_tensors
+        need_table, need_weights = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if torch.is_grad_enabled():
+            d_table, d_weights = _weighted_row_sum_grads_differentiable(idx, table, weights, grad_out)
+            return None, d_table if need_table else None, d_weights if need_weights else None
+        grad_out = grad_out.contiguous()
+        flat_idx, flat_weights = idx.reshape(-1), weights.reshape(-1)
+        d_table = d_weights = None
+        if need_table:
+            d_table = torch.ops.aten._embedding_bag_backward(
+                grad_out, flat_idx, offsets, offset2bag, bag_size, max_indices, table.shape[0], False, 0, False,
+                flat_weights)
+        if need_weights:
+            d_weights = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out, table, flat_idx, offsets, offset2bag, 0).reshape(weights.shape)
+        return None, d_table, d_weights
+
+
+def _weighted_row_sum_grads_differentiable(idx, table, weights, grad_out):
+    """(d table, d weights) of ``WeightedRowSum`` as a graph of differentiable ops."""
+    hidden = table.shape[1]
+    contributions = (weights[:, :, None] * grad_out[:, None, :]).reshape(-1, hidden)
+    d_table = torch.zeros_like(table).index_add(0, idx.reshape(-1), contributions)
+    d_weights = (table[idx] * grad_out[:, None, :]).sum(dim=-1)
+    return d_table, d_weights
 
 
 def tempered_softmax(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -69,6 +147,19 @@ def tempered_softmax(z: torch.Tensor, temperature: float) -> torch.Tensor:
     Subtracting the max before dividing keeps the rounding error of each exponent at
     eps * |z_i - max z| / T rather than eps * |z_i| / T, which matters at small T."""
     return torch.softmax((z - z.amax(dim=-1, keepdim=True).detach()) / temperature, dim=-1)
+
+
+def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """ce_n = log sum_v exp(z_nv - m_n) - (z_n[y_n] - m_n), with m_n the row's maximum.
+
+    Relative to the maximum, as ``log_softmax`` is: ``logsumexp(z) - z_y`` would round the
+    log-sum-exp to the precision of |z| first (1e30 + log 2 == 1e30 in float32), and that
+    rounding would reach ce and its gradient. An infinite maximum shifts by 0, as
+    ``torch.logsumexp`` does."""
+    m = z.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    shifted = z - m
+    return torch.logsumexp(shifted, dim=-1) - shifted.gather(1, y[:, None]).squeeze(1)
 
 
 def cosine(mu: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -97,6 +188,20 @@ def reference_rows(
         ``(ce, cos, correct)``, each ``[N]``: ce_n and cos_n in the compute dtype, zero at
         ignored positions, and whether argmax(z_n) == y_n.
     """
+    with autocast_off(logits.device):
+        return _reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos)
+
+
+def autocast_off(device: torch.device):
+    """A context where autocast does not lower the precision of ops on ``device`` (the loss is
+    computed in float32 whatever the caller's autocast says, as the kernels compute it)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos):
+    """``reference_rows`` with autocast off."""
     dtype = compute_dtype(logits.dtype)
     n, vocab = logits.shape
     k = vocab if topk is None else min(topk, vocab)
@@ -109,7 +214,7 @@ def reference_rows(
     z = (logits if all_valid else logits.index_select(0, rows)).to(dtype)
     y = (labels if all_valid else labels.index_select(0, rows)).long()
 
-    ce = torch.logsumexp(z, dim=-1) - z.gather(1, y[:, None]).squeeze(1)
+    ce = cross_entropy(z, y)
     correct = z.argmax(dim=-1) == y
     if with_cos:
         table = embedding.to(dtype)
@@ -132,7 +237,7 @@ def _reference_rows_traceable(logits, labels, embedding, temperature, k, ignore_
     z = torch.where(valid[:, None], logits.to(dtype), zero)
     y = torch.where(valid, labels.long(), torch.zeros_like(labels, dtype=torch.long))
 
-    ce = torch.logsumexp(z, dim=-1) - z.gather(1, y[:, None]).squeeze(1)
+    ce = cross_entropy(z, y)
     correct = (z.argmax(dim=-1) == y) & valid
     if with_cos:
         table = embedding.to(dtype)

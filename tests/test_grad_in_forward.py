@@ -104,7 +104,7 @@ def test_bad_options_are_refused(gen):
     logits, labels, embedding = make_inputs(gen, 4, 10, 3)
     with pytest.raises(ValueError, match="grad_in_forward: expected reduction 'mean' or 'sum'"):
         mixed_loss(logits.requires_grad_(), labels, embedding, reduction="none", grad_in_forward=True)
-    with pytest.raises(TypeError, match="grad_in_forward: expected a bool or None"):
+    with pytest.raises(TypeError, match="grad_in_forward: expected True, False or None"):
         mixed_loss(logits, labels, embedding, grad_in_forward="yes")
 
 

@@ -367,3 +367,77 @@ def test_old_builds_are_pruned_but_recent_and_unfinished_ones_kept(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir())
     # the 8 newest are ages 0..6 and 3.5; of the rest (7, 8, 10, 12 days) all are a week old or more
     assert left == sorted([f"native-avx2-{i:02d}" for i in (0, 1, 2, 3, 4, 5, 6, 11)] + ["native-avx2-inprogress"])
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------------------------
+
+_INTERRUPTED_CALLS = r"""
+import math, sys, time
+import torch
+from fused_cosloss import native
+
+seconds = float(sys.argv[1])
+V, H = 1024, 8192  # the whole vocabulary in S: every row gathers V rows of 8192 floats, twice
+E = torch.randn(V, H)
+
+
+def call(phase, n):
+    z, y = torch.randn(n, V), torch.randint(0, V, (n,))
+    if phase == "forward":
+        return lambda: native.forward_rows(z, y, E, 1.0, V, -100, True)
+    # a made-up saved state of the right layout: only the backward's cost matters here
+    saved = (torch.zeros(n, 3), torch.arange(V, dtype=torch.int32).repeat(n, 1), torch.full((n, V), 1.0 / V),
+             torch.zeros(n, V), torch.randn(n, 2, H))
+    g = torch.full((n,), 0.5)
+    return lambda: native.backward_rows(z, y, E, saved, g, g, 1.0, V, -100, True, True, True)
+
+
+for phase in ("forward", "backward"):
+    small = 2 * torch.get_num_threads()
+    call(phase, small)()
+    start = time.monotonic()
+    call(phase, small)()
+    per_row = (time.monotonic() - start) / small
+    n = min(max(small, math.ceil(seconds / per_row)), 2000)
+    run = call(phase, n)
+    print(f"calling {phase} {n * per_row:.3f}", flush=True)
+    try:
+        run()
+        print(f"returned {time.monotonic():.6f}", flush=True)
+    except KeyboardInterrupt:
+        print(f"interrupted {time.monotonic():.6f}", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT to a child process")
+def test_ctrl_c_interrupts_a_long_call(native):
+    """SIGINT during a native forward, then a native backward, of several seconds each raises
+    KeyboardInterrupt from the call within a fraction of a second (the kernel lets Python handle
+    signals between blocks of rows), instead of after the call returns."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    expected_s, bound_s = 4.0, 1.0
+    child = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_CALLS, str(expected_s)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for phase in ("forward", "backward"):
+            line = child.stdout.readline()
+            assert line.startswith(f"calling {phase}"), line + child.stderr.read()
+            estimate = float(line.split()[2])
+            if estimate < 3 * bound_s:
+                pytest.skip(f"this machine runs the largest {phase} in {estimate:.1f} s: too fast to tell")
+            time.sleep(0.5)
+            sent = time.monotonic()
+            child.send_signal(signal.SIGINT)
+            outcome, when = child.stdout.readline().split()
+            assert outcome == "interrupted", f"the {phase} of ~{estimate:.1f} s ran to its end"
+            assert float(when) - sent < bound_s, (
+                f"{phase}: KeyboardInterrupt {float(when) - sent:.2f} s after SIGINT (bound {bound_s} s) in a call of "
+                f"~{estimate:.1f} s")
+        child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
