@@ -29,7 +29,7 @@ def spec_rows(z, y, E, temperature, topk, ignore_index):
         mu = (w[:, None] * E[chosen]).sum(dim=0)
         e = E[label]
         c = torch.dot(mu, e) / (torch.clamp_min(mu.norm(), EPS) * torch.clamp_min(e.norm(), EPS))
-        ce.append(torch.logsumexp(row, dim=0) - row[label])
+        ce.append(-torch.log_softmax(row, dim=0)[label])  # logsumexp(row) - row[label], relative to the max
         dist.append(1 - c)
         cos.append(c)
         correct.append(order[0] == label)
