@@ -10,25 +10,33 @@ The seed's run (needs the network)::
     python -m fused_cosloss.train --model_name distilgpt2 --dataset_name wikitext \\
         --dataset_config_name wikitext-2-raw-v1 --text_field text
 
+A GGUF checkpoint (``--gguf_file``) is loaded as an ordinary float model
+(:mod:`fused_cosloss.gguf_model`), so it trains and saves like any other.
+
 Modes: ``--alpha A`` makes one run; no ``--alpha`` runs baseline and mixed (alpha 0 and
 0.5); ``--compare`` runs the grid ``--compare_alphas`` x ``--compare_temperatures``
-(default {0, 0.25, 0.5, 0.75} x {0.7, 1.0, 1.5}) and writes a table and a plot.
-Each run writes ``<run dir>/metrics.json`` (args, eval, test, train) and appends a
-section to ``results.md``. See docs/training.md.
+(default {0, 0.25, 0.5, 0.75} x {0.7, 1.0, 1.5}) and writes a table and a plot;
+``--do_train false`` only evaluates the model as loaded. Every comparison starts with the
+model before training. Each run writes ``<run dir>/metrics.json`` (args, run, eval, test,
+train) and appends a section to ``results.md``. See docs/training.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import json
 import os
 import sys
 import time
-from itertools import chain
+
+from . import train_report
+from .text_data import GENERATED, load_raw_splits, tokenize_splits, train_tokenizer
+from .train_env import LoadProbe, layout_text, load_text, world_layout
 
 TINY = "tiny"
-GENERATED = "generated"
-EOS = "<|endoftext|>"
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Defaults that differ between the built-in tiny preset and a pretrained (seed-style) run.
 PRESETS = {
@@ -48,6 +56,31 @@ def _topk(value: str):
     return k
 
 
+def _bool(value: str) -> bool:
+    """``true``/``false`` (and yes/no, 1/0), as transformers' ``HfArgumentParser`` reads a bool."""
+    lowered = str(value).lower()
+    if lowered in ("true", "yes", "1", "t", "y"):
+        return True
+    if lowered in ("false", "no", "0", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _json_dict(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r} ({error})") from error
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
+def _add_bool(group, name: str, default, help: str) -> None:
+    """A flag that alone means true and takes an explicit ``true``/``false`` (``--do_train false``)."""
+    group.add_argument(name, type=_bool, nargs="?", const=True, default=default, metavar="{true,false}", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fused_cosloss.train",
@@ -55,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model_name", default=TINY, help=f"a model id or local path, or '{TINY}': a small GPT-2 built here")
+    g.add_argument("--model_name", "--model_name_or_path", dest="model_name", default=TINY,
+                   help=f"a model id or local path (for --gguf_file: the folder that holds it), or '{TINY}': a small "
+                        "GPT-2 built here")
+    g.add_argument("--gguf_file", default=None,
+                   help="a GGUF checkpoint: a path, or a file name inside --model_name; loaded as an ordinary float "
+                        "model (dequantised) with its tokenizer")
     g.add_argument("--tokenizer_name", default=None, help="tokenizer id or path (default: the model's; for 'tiny', a "
                    "byte-level BPE trained on the training text)")
     g.add_argument("--from_scratch", action="store_true", help="random initialisation from the model's config")
@@ -73,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_file", default=None, help="local .txt, .json/.jsonl or .parquet (replaces --dataset_name)")
     g.add_argument("--validation_file", default=None)
     g.add_argument("--test_file", default=None)
+    _add_bool(g, "--keep_linebreaks", True, "keep the line breaks of .txt files (each line ends in its break, as "
+              "run_clm.py); false joins the lines with nothing between them")
     g.add_argument("--subset_train", type=int, default=None, help="keep the first N rows of the training split")
     g.add_argument("--subset_val", type=int, default=None)
     g.add_argument("--subset_test", type=int, default=None)
@@ -97,13 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "logits (fused_cosloss.linear_mixed_loss)")
 
     g = p.add_argument_group("training (Trainer arguments; tiny / pretrained defaults when not given)")
+    _add_bool(g, "--do_train", True, "train; false only evaluates the model as loaded (its 'pretrained' rows)")
+    _add_bool(g, "--eval_pretrained", True, "evaluate the model before training: the first rows of every comparison")
     g.add_argument("--per_device_train_batch_size", type=int, default=None)
     g.add_argument("--per_device_eval_batch_size", type=int, default=None)
     g.add_argument("--num_train_epochs", type=float, default=None)
     g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
     g.add_argument("--learning_rate", type=float, default=None)
     g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--warmup_ratio", type=float, default=None)
+    g.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="clip the norm of the whole gradient (CE and cosine parts together) to this; 0: no clipping")
+    g.add_argument("--lr_scheduler_type", default="linear",
+                   help="the Trainer's schedule: linear (to 0 at the last step), cosine, constant, "
+                        "constant_with_warmup, inverse_sqrt, ...")
+    g.add_argument("--lr_scheduler_kwargs", type=_json_dict, default=None,
+                   help="extra arguments of the schedule, as JSON (e.g. '{\"min_lr\": 1e-6}' for cosine_with_min_lr)")
+    g.add_argument("--warmup_ratio", type=float, default=None,
+                   help="linear warm-up over this fraction of the steps (tiny: 0.05, pretrained: 0)")
+    g.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up over this many steps "
+                   "(instead of --warmup_ratio)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--fp16", action="store_true")
@@ -112,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluations during training (the final evaluation always runs)")
     g.add_argument("--eval_steps", type=int, default=None)
     g.add_argument("--logging_steps", type=int, default=None)
-    g.add_argument("--disable_tqdm", action="store_true")
+    _add_bool(g, "--disable_tqdm", None, "no progress bars (default: none when stderr is not a terminal, so that a "
+              "log file gets plain lines; the training logs are printed instead)")
     g.add_argument("--num_threads", type=int, default=None,
                    help="torch CPU threads (tiny: 1, as its 64-wide matrices gain nothing from more and suffer "
-                        "badly on a shared machine; otherwise torch's default)")
+                        "badly on a shared machine; otherwise torch's default). Under heavy load fewer can be faster: "
+                        "SmolLM2-135M on a busy 2-core machine once trained 3-4x faster with 1 than with 2")
     g.add_argument("--no_grad_norm_probe", action="store_true",
                    help="do not measure the gradient norm of each loss part at logging steps")
 
@@ -124,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results_file", default=None, help="markdown file the run sections are appended to "
                    "(default: <output_dir>/results.md)")
     g.add_argument("--save_model", action="store_true", help="save the trained model and tokenizer in the run dir")
+    g.add_argument("--save_dtype", default="auto", choices=SAVE_DTYPES,
+                   help="dtype of the saved weights: auto = the dtype the model trained in")
     g.add_argument("--compare", action="store_true", help="run the alpha x temperature grid, write a table and a plot")
     g.add_argument("--compare_alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     g.add_argument("--compare_temperatures", type=float, nargs="+", default=[0.7, 1.0, 1.5])
@@ -131,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    if args.gguf_file == "":  # e.g. --gguf_file "$(python -m fused_cosloss.gguf_model --find ...)" that failed
+        raise SystemExit("--gguf_file: got an empty path")
+    if args.gguf_file:  # found before anything loads; the model's folder is then the file's
+        from .gguf_model import resolve_gguf
+
+        args.gguf_file = resolve_gguf(args.gguf_file, None if args.model_name == TINY else args.model_name)
+        args.model_name = os.path.dirname(args.gguf_file)
+    if args.warmup_steps is not None:
+        if args.warmup_ratio:
+            raise SystemExit("--warmup_steps and --warmup_ratio: give one of them")
+        if args.warmup_steps < 0:
+            raise SystemExit(f"--warmup_steps: expected an int >= 0, got {args.warmup_steps}")
+        args.warmup_ratio = 0.0
     preset = PRESETS["tiny" if args.model_name == TINY else "pretrained"]
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -141,99 +210,30 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--alpha: expected a value in [0, 1], got {args.alpha}")
     if not 0.0 <= args.alpha_warmup <= 1.0:
         raise SystemExit(f"--alpha_warmup: expected a fraction in [0, 1], got {args.alpha_warmup}")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        raise SystemExit(f"--warmup_ratio: expected a fraction in [0, 1), got {args.warmup_ratio}")
+    if not args.max_grad_norm >= 0.0:
+        raise SystemExit(f"--max_grad_norm: expected a norm >= 0 (0: no clipping), got {args.max_grad_norm}")
     return args
 
 
-# ---- data ---------------------------------------------------------------------------------------
+def check_scheduler(name: str) -> None:
+    """A clear error for an unknown ``--lr_scheduler_type``, before anything loads."""
+    from transformers import SchedulerType
 
-def _builder_for(path: str) -> str:
-    name = path.lower()
-    for suffix in (".gz", ".bz2", ".xz", ".zst"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    if name.endswith((".json", ".jsonl")):
-        return "json"
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith((".txt", ".text", ".raw")):
-        return "text"
-    raise SystemExit(f"{path}: expected a .txt, .json, .jsonl or .parquet file")
-
-
-def load_raw_splits(args) -> dict:
-    """``{"train": Dataset, "validation": Dataset, "test": Dataset or missing}`` with a text column."""
-    import datasets
-
-    splits = {}
-    files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
-    if any(files.values()):
-        if not args.train_file:
-            raise SystemExit("--validation_file/--test_file need --train_file")
-        for split, path in files.items():
-            if path:
-                builder = _builder_for(path)
-                ds = datasets.load_dataset(builder, data_files={split: path}, split=split)
-                if builder == "text" and args.text_field != "text":
-                    ds = ds.rename_column("text", args.text_field)
-                splits[split] = ds
-    elif args.dataset_name == GENERATED:
-        from . import corpus
-
-        n = args.generated_sentences
-        generated = corpus.corpus_splits(n, max(n // 10, 1), max(n // 10, 1), seed=0)
-        splits = {split: datasets.Dataset.from_dict({args.text_field: docs}) for split, docs in generated.items()}
-    else:
-        loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-        splits = {name: loaded[name] for name in loaded}
-        if "valid" in splits and "validation" not in splits:
-            splits["validation"] = splits.pop("valid")
-    if "train" not in splits:
-        raise SystemExit(f"the dataset has no 'train' split (it has {sorted(splits)})")
-    if args.text_field not in splits["train"].column_names:
-        raise SystemExit(f"--text_field {args.text_field!r}: not a column of the data ({splits['train'].column_names})")
-    if "validation" not in splits:
-        held_out = splits["train"].train_test_split(test_size=args.validation_split_percentage / 100.0, seed=args.seed)
-        splits["train"], splits["validation"] = held_out["train"], held_out["test"]
-    for split, limit in (("train", args.subset_train), ("validation", args.subset_val), ("test", args.subset_test)):
-        if split in splits and limit is not None:
-            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
-    return splits
-
-
-def train_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE trained on ``texts``, wrapped as a transformers fast tokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
-
-
-def tokenize_splits(splits: dict, tokenizer, text_field: str, block_size: int) -> dict:
-    """Tokenize, concatenate and cut into ``block_size`` blocks with causal labels (as the seed did)."""
-    from .hf import causal_lm_labels
-
-    def tokenize(batch):
-        texts = [t for t in batch[text_field] if t and t.strip()]
-        return {"input_ids": tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]}
-
-    def group(batch):
-        ids = list(chain.from_iterable(batch["input_ids"]))
-        usable = (len(ids) // block_size) * block_size or len(ids)  # keep a short block when there is no full one
-        blocks = [ids[i:i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": causal_lm_labels(blocks)}
-
-    out = {}
-    for split, ds in splits.items():
-        tokens = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenize {split}")
-        out[split] = tokens.map(group, batched=True, batch_size=100_000, desc=f"blocks of {block_size} ({split})")
-        if len(out[split]) == 0:
-            raise SystemExit(f"the {split} split has no text in field {text_field!r}")
-    return out
+    try:
+        SchedulerType(name)
+    except ValueError:
+        choices = ", ".join(member.value for member in SchedulerType)
+        raise SystemExit(f"--lr_scheduler_type: expected one of {choices}; got {name!r}") from None
 
 
 # ---- model --------------------------------------------------------------------------------------
+
+def is_pretrained(args) -> bool:
+    """Whether the model starts from trained weights (its rows before training are 'pretrained')."""
+    return args.model_name != TINY and not args.from_scratch
+
 
 def build_model_and_tokenizer(args, train_texts):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -249,14 +249,20 @@ def build_model_and_tokenizer(args, train_texts):
             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
         )
         model = GPT2LMHeadModel(config)
+    elif args.gguf_file:
+        from .gguf_model import load_gguf
+
+        model, tokenizer = load_gguf(args.gguf_file, from_scratch=args.from_scratch)
+        if args.tokenizer_name:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name)
         if args.from_scratch:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_name))
         else:
             model = AutoModelForCausalLM.from_pretrained(args.model_name)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+    if args.model_name != TINY and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
@@ -272,7 +278,8 @@ def _describe_model(args, model) -> str:
     if args.model_name == TINY:
         return (f"tiny GPT-2 from scratch (n_embd={args.tiny_n_embd}, n_layer={args.tiny_n_layer}, V={vocab}, "
                 f"{n_params / 1e6:.2f}M params, tied embeddings)")
-    return f"{args.model_name} ({'from scratch' if args.from_scratch else 'pretrained'}, V={vocab}, {n_params / 1e6:.1f}M params)"
+    name = args.gguf_file if args.gguf_file else args.model_name
+    return f"{name} ({'from scratch' if args.from_scratch else 'pretrained'}, V={vocab}, {n_params / 1e6:.1f}M params)"
 
 
 def _describe_data(args) -> str:
@@ -295,6 +302,7 @@ def training_arguments(args, run_dir: str):
         output_dir=run_dir, per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_eval_batch_size, num_train_epochs=args.num_train_epochs,
         max_steps=args.max_steps, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, lr_scheduler_type=args.lr_scheduler_type,
         gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed, fp16=args.fp16, bf16=args.bf16,
         eval_strategy=args.eval_strategy, logging_strategy="steps", logging_steps=args.logging_steps,
         save_strategy="no", report_to="none", disable_tqdm=args.disable_tqdm, dataloader_num_workers=0,
@@ -302,13 +310,29 @@ def training_arguments(args, run_dir: str):
         # without CUDA: use_cpu makes torchrun / accelerate launch give CPU data parallelism (gloo)
         use_cpu=not torch.cuda.is_available(),
     )
+    if args.lr_scheduler_kwargs:
+        kwargs["lr_scheduler_kwargs"] = args.lr_scheduler_kwargs
     if args.eval_steps is not None:
         kwargs["eval_steps"] = args.eval_steps
-    if "warmup_ratio" in fields:  # transformers 4.x
+    if args.warmup_steps:
+        kwargs["warmup_steps"] = int(args.warmup_steps)
+    elif "warmup_ratio" in fields:  # transformers 4.x
         kwargs["warmup_ratio"] = args.warmup_ratio
     elif args.warmup_ratio:  # 5.x: a warmup_steps below 1 is a ratio
         kwargs["warmup_steps"] = min(float(args.warmup_ratio), 0.999)
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+def schedule_record(training_args, max_steps: int) -> dict:
+    """The optimiser schedule the Trainer ran: clipping, the scheduler and the warm-up in steps."""
+    return {
+        "max_grad_norm": training_args.max_grad_norm,
+        "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+        "lr_scheduler_kwargs": training_args.lr_scheduler_kwargs or {},
+        "learning_rate": training_args.learning_rate,
+        "warmup_steps": training_args.get_warmup_steps(max_steps),
+        "max_steps": max_steps,
+    }
 
 
 def resolved_backend(name: str, embedding) -> str:
@@ -323,7 +347,7 @@ def resolved_backend(name: str, embedding) -> str:
 
 @dataclasses.dataclass
 class Run:
-    """A trained model with what re-evaluating it needs."""
+    """A model (trained or not) with what evaluating it needs."""
 
     trainer: object
     loss_fn: object
@@ -332,17 +356,17 @@ class Run:
     description: dict
 
 
-def train_run(args, alpha: float, temperature: float, run_dir: str, prepared=None) -> tuple[dict, Run]:
-    """Train one model with this alpha and temperature; evaluate it; write metrics.json and results.md."""
+def prepare_run(args, alpha: float, temperature: float, run_dir: str, prepared: dict) -> Run:
+    """The model, its data, the loss and a Trainer for one run, nothing trained yet."""
     import torch
     from transformers import Trainer, default_data_collator, set_seed
 
     from .hf import MixedLossForTrainer, pad_for_distributed_eval
 
     set_seed(args.seed)
-    raw = prepared["raw"] if prepared else load_raw_splits(args)
+    raw = prepared["raw"]
     model, tokenizer = build_model_and_tokenizer(args, raw["train"][args.text_field])
-    data = tokenize_splits(raw, tokenizer, args.text_field, args.block_size)
+    data = tokenize_splits(raw, tokenizer, args.text_field, args.block_size, keep_linebreaks=args.keep_linebreaks)
     loss_fn = MixedLossForTrainer(
         model, embedding=args.embedding, alpha=alpha, temperature=temperature, topk=args.cos_topk,
         backend=args.backend, alpha_warmup=args.alpha_warmup, embedding_grad=not args.detach_cos_embedding,
@@ -357,29 +381,95 @@ def train_run(args, alpha: float, temperature: float, run_dir: str, prepared=Non
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         data_collator=default_data_collator, **loss_fn.trainer_kwargs(),
     )
-    backend = resolved_backend(args.backend, loss_fn.get_embedding().to(trainer.args.device))
+    world = world_layout(training_args, torch.get_num_threads())
+    if "world" not in prepared and is_main_process():
+        print(layout_text(world), flush=True)
+    prepared["world"] = world
+    description = {
+        "model": _describe_model(args, model), "data": _describe_data(args),
+        "backend": resolved_backend(args.backend, loss_fn.get_embedding().to(trainer.args.device)),
+        "device": str(trainer.args.device), "torch": torch.__version__, "world": world,
+        "pretrained": is_pretrained(args),
+    }
+    return Run(trainer, loss_fn, data, tokenizer, description)
+
+
+def evaluate_before_training(args, run: Run, temperatures, prepared: dict) -> list[dict]:
+    """The model as loaded, evaluated at each temperature (alpha 0: its loss is the CE): the
+    'pretrained' rows. Written to ``<output_dir>/pretrained`` (``pretrained_T<T>`` for several T),
+    or to ``<output_dir>`` itself when only evaluating at one temperature."""
+    if "pretrained" in prepared:
+        return prepared["pretrained"]
+    fn = run.loss_fn
+    alpha, temperature = fn.current_alpha, fn.temperature
+    fn.current_alpha = 0.0
+    results = []
+    for t in temperatures:
+        if not args.do_train and len(temperatures) == 1:
+            run_dir = args.output_dir
+        else:
+            run_dir = os.path.join(args.output_dir, "pretrained" if len(temperatures) == 1 else f"pretrained_T{_tag(t)}")
+        probe = prepared["load"]
+        probe.start()
+        results.append(evaluate_run(args, run, None, t, run_dir, {}, trained=False, load_probe=probe))
+    fn.current_alpha, fn.temperature = alpha, temperature
+    prepared["pretrained"] = results
+    return results
+
+
+def train_run(args, alpha: float, temperature: float, run_dir: str, prepared: dict) -> tuple[dict, Run]:
+    """Train one model with this alpha and temperature (the first run of the script also evaluates it
+    before training); evaluate it; write metrics.json and results.md."""
+    run = prepare_run(args, alpha, temperature, run_dir, prepared)
+    if args.eval_pretrained:
+        evaluate_before_training(args, run, prepared["temperatures"], prepared)
+    trainer = run.trainer
     if is_main_process():
-        print(f"\n=== {run_dir}: alpha={alpha} T={temperature} K={args.cos_topk} backend={args.backend} ({backend}); "
-              f"{len(data['train'])} training blocks of {args.block_size} tokens ===", flush=True)
+        print(f"\n=== {run_dir}: alpha={alpha} T={temperature} K={args.cos_topk} backend={args.backend} "
+              f"({run.description['backend']}); {len(run.data['train'])} training blocks of {args.block_size} "
+              "tokens ===", flush=True)
+    probe = prepared["load"]
+    probe.start()
     train_result = trainer.train()
-    run = Run(trainer, loss_fn, data, tokenizer, {
-        "model": _describe_model(args, model), "data": _describe_data(args), "backend": backend,
-        "device": str(trainer.args.device),
-        "torch": torch.__version__,
-    })
     train_metrics = dict(train_result.metrics)
     train_metrics["global_step"] = trainer.state.global_step
+    train_metrics["schedule"] = schedule_record(trainer.args, trainer.state.max_steps)
     train_metrics["log_history"] = [entry for entry in trainer.state.log_history if "loss" in entry]
-    if args.save_model:
-        trainer.save_model(run_dir)
-        tokenizer.save_pretrained(run_dir)
-    metrics = evaluate_run(args, run, alpha, temperature, run_dir, train_metrics)
+    metrics = evaluate_run(args, run, alpha, temperature, run_dir, train_metrics, load_probe=probe)
     return metrics, run
 
 
-def evaluate_run(args, run: Run, alpha: float, temperature: float, run_dir: str, train_metrics: dict,
-                 shared_from: str | None = None) -> dict:
-    """Evaluate (validation, test) at this temperature; write metrics.json; append to results.md."""
+def save_dtype(name: str, model):
+    """The torch dtype ``--save_dtype`` names; ``auto``: the dtype of the model's parameters."""
+    import torch
+
+    if name == "auto":
+        return next(model.parameters()).dtype
+    return getattr(torch, name)
+
+
+def save_model(run: Run, run_dir: str, dtype_name: str) -> dict | None:
+    """Save the model (in ``dtype_name``) and the tokenizer; the model in training is left as it is."""
+    trainer = run.trainer
+    if not trainer.args.should_save:
+        return None
+    model = trainer.model
+    dtype = save_dtype(dtype_name, model)
+    to_save = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+    to_save.save_pretrained(run_dir)
+    run.tokenizer.save_pretrained(run_dir)
+    return {"dir": run_dir, "dtype": str(dtype).replace("torch.", "")}
+
+
+def evaluate_run(args, run: Run, alpha: float | None, temperature: float, run_dir: str, train_metrics: dict,
+                 shared_from: str | None = None, trained: bool = True, load_probe: LoadProbe | None = None,
+                 load_record: dict | None = None) -> dict:
+    """Evaluate (validation, test) at this temperature; write metrics.json; append to results.md.
+
+    ``trained=False``: the model before training (``alpha`` None). ``load_probe``, started before
+    the run, is stopped after this evaluation: the load average around the run goes in ``run.load``
+    (``load_record``: the load of the run that trained a shared model).
+    """
     run.loss_fn.temperature = temperature
     eval_metrics = run.trainer.evaluate(run.data["validation"], metric_key_prefix="eval")
     test_metrics = run.trainer.evaluate(run.data["test"], metric_key_prefix="test") if "test" in run.data else {}
@@ -390,12 +480,18 @@ def evaluate_run(args, run: Run, alpha: float, temperature: float, run_dir: str,
         groups = corpus.group_token_ids(run.tokenizer)
         embedding = corpus.group_similarity(run.loss_fn.get_embedding(), groups)
     run_args = dict(vars(args), alpha=alpha, temperature=temperature)
-    metrics = {"args": run_args, "run": dict(run.description, run_dir=run_dir), "eval": eval_metrics,
-               "test": test_metrics, "train": train_metrics}
+    description = dict(run.description, run_dir=run_dir, trained=trained)
+    if load_probe is not None:
+        load_record = load_probe.stop()
+    if load_record is not None:
+        description["load"] = load_record
+    metrics = {"args": run_args, "run": description, "eval": eval_metrics, "test": test_metrics, "train": train_metrics}
     if embedding is not None:
         metrics["embedding_groups"] = embedding
     if shared_from:
         metrics["run"]["training_shared_with"] = shared_from
+    if trained and args.save_model and not shared_from:
+        metrics["run"]["saved"] = save_model(run, run_dir, args.save_dtype)
     if run.trainer.is_world_process_zero():
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "metrics.json"), "w") as handle:
@@ -409,26 +505,33 @@ def _short(metrics: dict) -> dict:
 
 
 def run_section(args, m: dict) -> str:
-    a, tr = m["args"], m["train"]
+    a, tr, run = m["args"], m["train"], m["run"]
+    schedule = tr.get("schedule", {})
     lines = [
-        f"## Run: {m['run']['run_dir']}",
-        f"- Model: {m['run']['model']}",
-        f"- Dataset: {m['run']['data']}",
+        f"## Run: {run['run_dir']}" + ("" if run.get("trained", True) else " (before training)"),
+        f"- Model: {run['model']}",
+        f"- Dataset: {run['data']}",
         f"- Block size: {a['block_size']} | Alpha: {a['alpha']} | Temp: {a['temperature']} | TopK: {a['cos_topk']} | "
-        f"Alpha warm-up: {a['alpha_warmup']} | Backend: {a['backend']} ({m['run']['backend']}) on {m['run']['device']}",
-        f"- Train steps: {tr.get('global_step')} | Epochs: {a['num_train_epochs']} | LR: {a['learning_rate']} | "
-        f"BS train/eval: {a['per_device_train_batch_size']}/{a['per_device_eval_batch_size']} | "
-        f"Grad accum: {a['gradient_accumulation_steps']} | Train time: {tr.get('train_runtime', float('nan')):.1f} s",
-        f"- Eval metrics: {json.dumps(_short(m['eval']))}",
+        f"Alpha warm-up: {a['alpha_warmup']} | Backend: {a['backend']} ({run['backend']}) on {run['device']}",
     ]
+    if run.get("trained", True) and not run.get("training_shared_with"):
+        lines.append(
+            f"- Train steps: {tr.get('global_step')} | Epochs: {a['num_train_epochs']} | LR: {a['learning_rate']} "
+            f"({schedule.get('lr_scheduler_type')}, warm-up {schedule.get('warmup_steps')} steps) | Max grad norm: "
+            f"{schedule.get('max_grad_norm')} | BS train/eval: {a['per_device_train_batch_size']}/"
+            f"{a['per_device_eval_batch_size']} | Grad accum: {a['gradient_accumulation_steps']} | "
+            f"Train time: {tr.get('train_runtime', float('nan')):.1f} s")
+    if "load" in run:
+        lines.append(f"- Machine: {layout_text(run['world']).splitlines()[0]}; {load_text(run['load'])}")
+    lines.append(f"- Eval metrics: {json.dumps(_short(m['eval']))}")
     if m["test"]:
         lines.append(f"- Test metrics: {json.dumps(_short(m['test']))}")
     if "embedding_groups" in m:
         e = m["embedding_groups"]
         lines.append(f"- Embedding groups (cosine of interchangeable words): within={e['within']:.4f}, "
                      f"between={e['between']:.4f}, separation={e['separation']:.4f}")
-    if m["run"].get("training_shared_with"):
-        lines.append(f"- Training shared with {m['run']['training_shared_with']} (alpha=0 does not depend on T); "
+    if run.get("training_shared_with"):
+        lines.append(f"- Training shared with {run['training_shared_with']} (alpha=0 does not depend on T); "
                      "evaluated at this temperature")
     return "\n".join(lines) + "\n"
 
@@ -446,112 +549,25 @@ def append_results(path: str, text: str) -> None:
 
 # ---- comparisons --------------------------------------------------------------------------------
 
-COLUMNS = [
-    ("alpha", lambda m: f"{m['args']['alpha']:g}"),
-    ("T", lambda m: f"{m['args']['temperature']:g}"),
-    ("val ce", lambda m: f"{m['eval'].get('eval_ce_loss', float('nan')):.4f}"),
-    ("val ppl", lambda m: f"{m['eval'].get('eval_perplexity', float('nan')):.3f}"),
-    ("val acc", lambda m: f"{m['eval'].get('eval_token_acc', float('nan')):.4f}"),
-    ("val cos", lambda m: f"{m['eval'].get('eval_cos_sim', float('nan')):.4f}"),
-    ("test ppl", lambda m: f"{m['test'].get('test_perplexity', float('nan')):.3f}"),
-    ("test acc", lambda m: f"{m['test'].get('test_token_acc', float('nan')):.4f}"),
-    ("test cos", lambda m: f"{m['test'].get('test_cos_sim', float('nan')):.4f}"),
-    ("emb group sep", lambda m: f"{m['embedding_groups']['separation']:.4f}" if "embedding_groups" in m else "-"),
-    ("train s", lambda m: f"{m['train'].get('train_runtime', float('nan')):.1f}"),
-    ("eval s", lambda m: f"{m['eval'].get('eval_runtime', float('nan')):.2f}"),
-]
+comparison_table = train_report.comparison_table
+pair_summary = train_report.pair_summary
+collapse_note = train_report.collapse_note
+plot_comparison = train_report.plot_comparison
 
 
-def comparison_table(results: list[dict]) -> str:
-    head = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows = ["| " + " | ".join(fn(m) for _, fn in COLUMNS) + " |" for m in results]
-    return "\n".join([head, rule, *rows])
-
-
-def pair_summary(base: dict, mixed: dict) -> str:
-    """The seed's 'Baseline vs Mixed' bullet list."""
-    lines = []
-    for split, prefix in (("eval", "eval"), ("test", "test")):
-        if not base[split] or not mixed[split]:
-            continue
-        name = "Val" if split == "eval" else "Test"
-        for metric, label, fmt in (("perplexity", "perplexity", ".3f"), ("token_acc", "token_acc", ".4f"),
-                                   ("cos_sim", "cos_sim", ".4f")):
-            b, x = base[split].get(f"{prefix}_{metric}"), mixed[split].get(f"{prefix}_{metric}")
-            if b is None or x is None:
-                continue
-            lines.append(f"- {name} {label}: baseline={b:{fmt}}, mixed={x:{fmt}} (Δ={x - b:+{fmt}})")
-    if "embedding_groups" in base and "embedding_groups" in mixed:
-        b, x = base["embedding_groups"]["separation"], mixed["embedding_groups"]["separation"]
-        lines.append(f"- Embedding group separation (within - between cosine): baseline={b:.4f}, mixed={x:.4f} (Δ={x - b:+.4f})")
-    bt, xt = base["train"].get("train_runtime"), mixed["train"].get("train_runtime")
-    if bt and xt:
-        lines.append(f"- Train time: baseline={bt:.1f} s, mixed={xt:.1f} s (x{xt / bt:.2f})")
-    return "\n".join(lines)
-
-
-def collapse_note(results: list[dict]) -> str:
-    """A warning for runs whose token embeddings collapsed onto one direction (the trivial optimum of 1 - cos)."""
-    collapsed = []
-    for m in results:
-        sep = m.get("embedding_groups", {}).get("separation")
-        if m["args"]["alpha"] > 0 and (m["eval"].get("eval_cos_sim", 0.0) > 0.99 or (sep is not None and sep < 0.02)):
-            collapsed.append(f"alpha={m['args']['alpha']:g}/T={m['args']['temperature']:g}")
-    if not collapsed:
-        return ""
-    return (f"- Collapse ({', '.join(collapsed)}): eval cos_sim > 0.99 or no group separation: the cosine term "
-            "drove all token embeddings toward one direction (1 - cos is trivially 0 there, since its gradient also "
-            "moves the embedding), and with the LM head tied to them the logits lose their ranking. Try "
-            "--alpha_warmup, a smaller --alpha, or --detach_cos_embedding (see docs/training.md).")
-
-
-def plot_comparison(results: list[dict], path: str) -> str | None:
-    """A PNG of validation metrics against alpha, one line per temperature; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
-    panels = [("eval", "eval_perplexity", "validation perplexity"), ("eval", "eval_token_acc", "validation token accuracy"),
-              ("eval", "eval_cos_sim", "validation cos(expected, gold embedding)")]
-    if all("embedding_groups" in m for m in results):
-        panels.append(("embedding_groups", "separation", "embedding group separation"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    temperatures = sorted({m["args"]["temperature"] for m in results})
-    for ax, (section, key, title) in zip(axes, panels):
-        for t in temperatures:
-            points = sorted((m["args"]["alpha"], m[section].get(key, float("nan"))) for m in results
-                            if m["args"]["temperature"] == t)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"T={t:g}")
-        ax.set_xlabel("alpha")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_comparison(args, results: list[dict], title: str, summary: str = "") -> str:
-    table = comparison_table(results)
-    summary = "\n".join(part for part in (summary, collapse_note(results)) if part)
-    text = f"## {title}\n{table}\n"
-    if summary:
-        text += "\n" + summary + "\n"
+def write_comparison(args, results: list[dict], kind: str, title: str) -> str:
+    """Print-ready text of a comparison; the main process also writes comparison.md / .json / .png
+    and appends the text to results.md."""
+    comparison = {"kind": kind, "title": title, "runs": results}
+    text = train_report.comparison_report(comparison)
     if not is_main_process():
         return text
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "comparison.md"), "w") as handle:
         handle.write(text)
     with open(os.path.join(args.output_dir, "comparison.json"), "w") as handle:
-        json.dump([{k: m[k] for k in ("args", "eval", "test", "embedding_groups") if k in m}
-                   | {"train_runtime": m["train"].get("train_runtime")} for m in results], handle, indent=2, default=str)
-    png = plot_comparison(results, os.path.join(args.output_dir, "comparison.png"))
+        json.dump(comparison, handle, indent=2, default=str)
+    png = plot_comparison(results, os.path.join(args.output_dir, "comparison.png")) if kind != "eval" else None
     if png:
         text += f"\nPlot: {png}\n"
     append_results(args.results_file, text)
@@ -560,6 +576,28 @@ def write_comparison(args, results: list[dict], title: str, summary: str = "") -
 
 def _tag(value: float) -> str:
     return f"{value:g}"
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Turn the progress bars of transformers and datasets off (and back on after) when not ``enabled``."""
+    if enabled:
+        yield
+        return
+    import datasets
+    import transformers
+
+    datasets_on = datasets.is_progress_bar_enabled()
+    transformers_on = transformers.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def main(argv=None) -> list[dict]:
@@ -572,13 +610,17 @@ def main(argv=None) -> list[dict]:
         except ImportError as error:
             raise SystemExit(f"{error}: the training script needs transformers, datasets and tokenizers "
                              "(python -m pip install -c constraints.txt -e '.[train]')") from error
+    check_scheduler(args.lr_scheduler_type)
+    if args.disable_tqdm is None:  # progress bars only where '\r' redraws them: a terminal
+        args.disable_tqdm = not sys.stderr.isatty()
     threads = torch.get_num_threads()
     if args.num_threads is None and args.model_name == TINY and not torch.cuda.is_available():
         args.num_threads = 1
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     try:
-        return _main(args)
+        with progress_bars(not args.disable_tqdm):
+            return _main(args)
     finally:
         torch.set_num_threads(threads)
         _close_process_group()
@@ -594,36 +636,55 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _busy_threads() -> int:
+    """Threads this script keeps busy on the machine: torch threads times processes on this node."""
+    import torch
+
+    return torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def _main(args) -> list[dict]:
     started = time.time()
-    prepared = {"raw": load_raw_splits(args)}
-    results = []
-    if args.compare:
-        shared = None  # alpha = 0 trains the same model at every temperature: train it once
-        for alpha in args.compare_alphas:
-            for temperature in args.compare_temperatures:
-                run_dir = os.path.join(args.output_dir, f"a{_tag(alpha)}_T{_tag(temperature)}")
-                if alpha == 0.0 and shared is not None:
-                    run, first_dir, train_metrics = shared
-                    results.append(evaluate_run(args, run, alpha, temperature, run_dir, train_metrics, shared_from=first_dir))
-                    continue
-                metrics, run = train_run(args, alpha, temperature, run_dir, prepared)
-                results.append(metrics)
-                if alpha == 0.0:
-                    shared = (run, run_dir, metrics["train"])
-        text = write_comparison(args, results, f"Comparison: alpha x temperature (K={args.cos_topk})")
+    temperatures = args.compare_temperatures if args.compare else [args.temperature]
+    prepared = {"raw": load_raw_splits(args), "temperatures": temperatures, "load": LoadProbe(_busy_threads())}
+    if not args.do_train:
+        run = prepare_run(args, 0.0, temperatures[0], args.output_dir, prepared)
+        results = evaluate_before_training(args, run, temperatures, prepared)
+        kind, title = "eval", f"Before training (K={args.cos_topk})"
+    elif args.compare:
+        results, kind, title = _grid(args, prepared), "grid", f"Comparison: alpha x temperature (K={args.cos_topk})"
     elif args.alpha is None:
+        results = []
         for name, alpha in (("baseline", 0.0), ("mixed", 0.5)):
             run_dir = os.path.join(args.output_dir, f"{name}_a{_tag(alpha)}")
             results.append(train_run(args, alpha, args.temperature, run_dir, prepared)[0])
-        text = write_comparison(args, results, f"Baseline vs Mixed (alpha=0.5, T={args.temperature:g}, K={args.cos_topk})",
-                                pair_summary(*results))
+        kind, title = "pair", f"Baseline vs Mixed (alpha=0.5, T={args.temperature:g}, K={args.cos_topk})"
     else:
-        results.append(train_run(args, args.alpha, args.temperature, args.output_dir, prepared)[0])
-        text = "\n".join(part for part in (comparison_table(results), collapse_note(results)) if part) + "\n"
+        results = [train_run(args, args.alpha, args.temperature, args.output_dir, prepared)[0]]
+        kind, title = "single", f"Run: alpha={args.alpha:g}, T={args.temperature:g}, K={args.cos_topk}"
+    results = prepared.get("pretrained", []) + [m for m in results if m["run"]["trained"]]
+    text = write_comparison(args, results, kind, title)
     if is_main_process():
         print("\n" + text)
         print(f"Results: {args.results_file}  (total {time.time() - started:.0f} s)")
+    return results
+
+
+def _grid(args, prepared) -> list[dict]:
+    results = []
+    shared = None  # alpha = 0 trains the same model at every temperature: train it once
+    for alpha in args.compare_alphas:
+        for temperature in args.compare_temperatures:
+            run_dir = os.path.join(args.output_dir, f"a{_tag(alpha)}_T{_tag(temperature)}")
+            if alpha == 0.0 and shared is not None:
+                run, first = shared
+                results.append(evaluate_run(args, run, alpha, temperature, run_dir, first["train"],
+                                            shared_from=first["run"]["run_dir"], load_record=first["run"].get("load")))
+                continue
+            metrics, run = train_run(args, alpha, temperature, run_dir, prepared)
+            results.append(metrics)
+            if alpha == 0.0:
+                shared = (run, metrics)
     return results
 
 

@@ -324,8 +324,13 @@ def test_cli_compare_grid(hf, tmp_path):
     results = train.main(["--compare", "--compare_alphas", "0", "0.5", "--compare_temperatures", "0.7", "1.5",
                           "--generated_sentences", "300", "--max_steps", "2", "--per_device_eval_batch_size", "64",
                           "--output_dir", str(out), "--backend", "reference", "--disable_tqdm"])
-    assert [(r["args"]["alpha"], r["args"]["temperature"]) for r in results] == [(0, 0.7), (0, 1.5), (0.5, 0.7), (0.5, 1.5)]
+    assert [(r["args"]["alpha"], r["args"]["temperature"]) for r in results] == \
+        [(None, 0.7), (None, 1.5), (0, 0.7), (0, 1.5), (0.5, 0.7), (0.5, 1.5)]  # first the model before training
+    assert [r["run"]["trained"] for r in results] == [False, False, True, True, True, True]
+    assert results[0]["run"]["run_dir"] == str(out / "pretrained_T0.7")
+    results = results[2:]
     assert results[1]["run"]["training_shared_with"] == str(out / "a0_T0.7")  # alpha = 0 trains once
+    assert results[1]["run"]["load"] == results[0]["run"]["load"]  # and shares its load record
     assert results[0]["eval"]["eval_ce_loss"] == results[1]["eval"]["eval_ce_loss"]
     assert results[0]["eval"]["eval_cos_sim"] != results[1]["eval"]["eval_cos_sim"]
     for name in ("comparison.md", "comparison.json", "results.md"):
