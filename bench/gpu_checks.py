@@ -157,7 +157,7 @@ def selection_unit(rec: Recorder, shapes: Shapes, dtype_name: str, vocab: int) -
     logits, kind = tied_rows(n, vocab, dtype, device, gen)
     labels = torch.randint(0, vocab, (n,), device=device, generator=gen)
     embedding = (torch.randn(vocab, hidden, device=device, generator=gen) * 0.02).to(dtype)
-    # the SPEC's S: the K largest, ties to the lower index = the first K of a stable descending sort
+    # docs/spec.md's S: the K largest, ties to the lower index = the first K of a stable descending sort
     order = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :max(shapes.select_ks)]
     kinds = ["normal", "grid-1/16", "integers", "98%-inf"]
     for k in shapes.select_ks:

@@ -1,4 +1,4 @@
-"""The loss as the original experiment wrote it (SPEC.md), kept as the benchmark's baseline.
+"""The loss as the original experiment wrote it (docs/spec.md), kept as the benchmark's baseline.
 
 Everything the fused backends avoid is here on purpose: a full softmax ``[N, V]``, the
 top-k of the probabilities, a gathered ``[N, K, H]`` copy of the embedding rows, an
@@ -7,7 +7,7 @@ left to autograd. Like the experiment (a float32 model), it computes in float32 
 the input dtype; its gradients come back in the inputs' dtypes.
 
 The probabilities are not renormalised over the top-k: cosine is scale-invariant, so the
-loss and its gradients are those of the SPEC's softmax over the selected entries.
+loss and its gradients are those of docs/spec.md's softmax over the selected entries.
 """
 from __future__ import annotations
 

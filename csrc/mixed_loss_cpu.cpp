@@ -1,4 +1,4 @@
-// The native CPU kernel of fused_cosloss: the mixed loss of SPEC.md,
+// The native CPU kernel of fused_cosloss: the mixed loss of docs/spec.md,
 //   loss_n = alpha * (1 - cos_n) + (1 - alpha) * ce_n,
 // computed per row (position) and differentiated by hand. Python (native.py)
 // calls forward() and backward() through the shared KernelRows autograd Function;

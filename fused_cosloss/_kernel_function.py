@@ -14,7 +14,7 @@ A kernel backend is a module with these functions; ``k`` is already min(topk, V)
 ``backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k,``
 ``ignore_index, with_cos, need_logits_grad, need_embedding_grad, inplace=False,``
 ``embedding_grad_out=None) -> (dlogits, dembedding)``
-    The SPEC gradients of ``sum_n grad_ce[n] * ce_n + grad_cos[n] * cos_n`` (``grad_*``
+    The gradients (docs/spec.md) of ``sum_n grad_ce[n] * ce_n + grad_cos[n] * cos_n`` (``grad_*``
     are ``[N]`` float32/float64), in the dtypes of logits and embedding, or None where
     not needed. ``inplace``: the logits gradient is written over ``logits`` (and that
     tensor returned). ``embedding_grad_out``: a float32 ``[V, H]`` tensor the embedding
@@ -156,12 +156,13 @@ class KernelLoss(torch.autograd.Function):
                 "differentiated again (create_graph=True, e.g. a gradient penalty); pass grad_in_forward=False "
                 "(the backward then builds a differentiable graph) or backend='reference'")
         if grad_ce is not None or grad_cos is not None:
-            raise RuntimeError(
+            raise UnsupportedDifferentiationError(
                 "mixed_loss: with grad_in_forward the gradient is computed in the forward for the loss only, so its "
                 ".ce and .cos parts cannot be differentiated; pass grad_in_forward=False to differentiate the parts")
         if ctx.gradients is None:
-            raise RuntimeError("mixed_loss: the gradient computed in the forward (grad_in_forward) was already used by "
-                               "an earlier backward; pass grad_in_forward=False to run the backward more than once")
+            raise UnsupportedDifferentiationError(
+                "mixed_loss: the gradient computed in the forward (grad_in_forward) was already used by an earlier "
+                "backward; pass grad_in_forward=False to run the backward more than once")
         (dlogits, dembedding), ctx.gradients = ctx.gradients, None  # handed over: autograd may keep them as .grad
         if grad_loss is None:
             return (None,) * 11

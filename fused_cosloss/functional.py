@@ -49,7 +49,7 @@ def mixed_loss(
     inplace_grad: bool = False,
     grad_in_forward: bool | None = None,
 ):
-    """The mixed loss of SPEC.md: ``alpha * (1 - cos_n) + (1 - alpha) * ce_n`` per position.
+    """The mixed loss of docs/spec.md: ``alpha * (1 - cos_n) + (1 - alpha) * ce_n`` per position.
 
     Args:
         logits: ``[..., V]`` float32, bfloat16, float16 (or float64).

@@ -1,6 +1,6 @@
 """The pure-PyTorch reference: the oracle for every backend and the fallback where none runs.
 
-It computes SPEC.md literally with differentiable PyTorch ops, in float32 (float64 stays
+It computes docs/spec.md literally with differentiable PyTorch ops, in float32 (float64 stays
 float64, and autocast is turned off inside), on any device. It never builds an ``[N, K, H]``
 gather (the expected embedding is an ``embedding_bag`` weighted sum) nor a softmax copy of
 the logits, except when the top-k covers the whole vocabulary, where the expected embedding

@@ -1,4 +1,4 @@
-"""A literal, slow transcription of SPEC.md in float64, differentiated by autograd.
+"""A literal, slow transcription of docs/spec.md in float64, differentiated by autograd.
 
 Nothing here is shared with the package: the top-k set is a Python sort by
 (-value, index), the softmax is over that set, and every position is a loop step.
@@ -39,7 +39,7 @@ def spec_rows(z, y, E, temperature, topk, ignore_index):
 
 
 def spec_loss(z, y, E, *, alpha, temperature, topk, ignore_index=-100, reduction="mean"):
-    """(loss, ce, cos_distance, n_valid, n_correct, cos_sim_sum) per SPEC.md."""
+    """(loss, ce, cos_distance, n_valid, n_correct, cos_sim_sum) per docs/spec.md."""
     ce, dist, cos, correct, valid = spec_rows(z, y, E, temperature, topk, ignore_index)
     loss = alpha * dist + (1 - alpha) * ce
     n_valid = sum(valid)

@@ -1,6 +1,6 @@
 """Every backend against its oracle, on fresh random inputs.
 
-The reference is checked against the float64 autograd of the literal SPEC transcription
+The reference is checked against the float64 autograd of the literal transcription of docs/spec.md
 (tests/spec_oracle.py); every kernel backend is checked against the reference. Both the
 values (loss, its parts, the evaluation counts) and the gradients of logits and
 embedding are compared, under an objective that also weighs the parts, so that

@@ -21,7 +21,7 @@ IGNORE = -100
 
 
 def reduce_rows(rows, valid, reduction):
-    """SPEC's reduction of per-position values (0 at ignored positions already)."""
+    """docs/spec.md's reduction of per-position values (0 at ignored positions already)."""
     if reduction == "none":
         return rows
     total = rows.sum()

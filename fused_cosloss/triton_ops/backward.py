@@ -14,7 +14,7 @@ of s_v cancels, as in autograd's softmax backward; the closed form a (mu . e) + 
 from the saved scalars does not cancel it and is 1 / T times less exact.
 
 with ``a = 1 / (max(|mu|, eps) max(|e|, eps))`` and ``b = -cos / |mu|^2`` (0 when |mu| < eps:
-the clamp has no gradient there), i.e. g = d cos / d mu of the SPEC, and likewise
+the clamp has no gradient there), i.e. g = d cos / d mu of docs/spec.md, and likewise
 d cos / d e = a * mu + d * e with ``d = -cos / |e|^2``.
 
 ``backward_rows_kernel`` (``write_outside_s``; the forward's row kernel calls it too, when it
