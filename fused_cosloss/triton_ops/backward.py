@@ -38,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gather import expected_embedding, load_index
+from .gather import expected_embedding, load_index, selection_weight
 
 EPS = tl.constexpr(1e-12)
 
@@ -169,7 +169,7 @@ def selected_grad_kernel(
             in_s = used[:, None] & (k < K)[None, :]
             at = rows64[:, None] * K + k[None, :]
             z = tl.load(s_val_ptr + at, mask=in_s, other=0.0).to(tl.float32)
-            w = tl.where(in_s, tl.exp(tl.div_rn(z - z_max[:, None], temperature)) / z_sum[:, None], 0.0)
+            w = tl.where(in_s, selection_weight(z, z_max[:, None], z_sum[:, None], temperature), 0.0)
             s_bar_vec += w * tl.load(s_dot_ptr + at, mask=in_s, other=0.0)
         s_bar = tl.sum(s_bar_vec, 1)
         for k0 in range(0, K, BK):
@@ -178,7 +178,7 @@ def selected_grad_kernel(
             at = rows64[:, None] * K + k[None, :]
             v = load_index(s_idx_ptr + at, in_s)
             z = tl.load(s_val_ptr + at, mask=in_s, other=0.0).to(tl.float32)
-            w = tl.exp(tl.div_rn(z - z_max[:, None], temperature)) / z_sum[:, None]
+            w = selection_weight(z, z_max[:, None], z_sum[:, None], temperature)
             s = tl.load(s_dot_ptr + at, mask=in_s, other=0.0)
             p = tl.exp((z - z_max[:, None]) - log_sum[:, None])
             dz = g_ce[:, None] * (p - tl.where(v == y[:, None], 1.0, 0.0))

@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .gather import selection_weight
+
 
 @triton.jit
 def embedding_grad_kernel(
@@ -65,7 +67,7 @@ def embedding_grad_kernel(
                 z_max = tl.load(stats_ptr + row * 4 + 1, mask=i_in, other=0.0)
                 z_sum = tl.load(stats_ptr + row * 4 + 2, mask=i_in, other=1.0)
                 z = tl.load(s_val_ptr + slot, mask=i_in, other=0.0).to(tl.float32)
-                w = tl.exp(tl.div_rn(z - z_max, temperature)) / z_sum
+                w = selection_weight(z, z_max, z_sum, temperature)
                 acc += tl.where(i_in, g_cos * w, 0.0)[:, :, None] * g
             if WRITE_S:
                 s = tl.sum(g * e_v[:, None, :], 2)

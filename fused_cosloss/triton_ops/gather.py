@@ -22,6 +22,14 @@ def load_index(ptrs, mask):
 
 
 @triton.jit
+def selection_weight(z, z_max, z_sum, temperature):
+    """w = exp((z - z_max) / T) / Z, the softmax weight of an entry of S (float32). Every kernel
+    that needs w computes it here, so that all of them round it alike: the backward's
+    s_bar = sum w s cancels the rounding of s only if its w are the forward's."""
+    return tl.exp(tl.div_rn(z - z_max, temperature)) / z_sum
+
+
+@triton.jit
 def expected_embedding(
     emb_ptr, s_idx_ptr, s_val_ptr, rows64, valid, z_max, z_sum, K, H, h, h_in, temperature,
     BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
@@ -35,8 +43,7 @@ def expected_embedding(
         at = rows64[:, None] * K + k[None, :]
         vocab = load_index(s_idx_ptr + at, in_s)
         z = tl.load(s_val_ptr + at, mask=in_s, other=0.0).to(tl.float32)
-        w = tl.exp(tl.div_rn(z - z_max[:, None], temperature)) / z_sum[:, None]
-        w = tl.where(in_s, w, 0.0)
+        w = tl.where(in_s, selection_weight(z, z_max[:, None], z_sum[:, None], temperature), 0.0)
         gathered = tl.load(emb_ptr + tl.cast(vocab, tl.int64)[:, :, None] * H + h[None, None, :],
                            mask=in_s[:, :, None] & h_in[None, None, :], other=0.0)
         acc += w[:, :, None] * gathered.to(tl.float32)
