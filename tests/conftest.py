@@ -56,6 +56,16 @@ def backend_or_skip(name: str, device: str, dtype=torch.float32, emb_dtype=None)
     pytest.skip(f"{name} on {device}/{dtype}: {reason}")
 
 
+@pytest.fixture(scope="session")
+def hf():
+    """transformers (with datasets and tokenizers), its logging quietened; skips without them."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("datasets")
+    pytest.importorskip("tokenizers")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     """(backend name, device) for every backend, skipped where it cannot run."""

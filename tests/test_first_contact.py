@@ -219,15 +219,6 @@ def test_linear_mixed_loss_still_runs_eagerly_inside_a_compiled_function():
 
 # ---- Hugging Face Trainer: untied models, the standard collator ----------------------------------
 
-@pytest.fixture(scope="module")
-def hf():
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("datasets")
-    pytest.importorskip("tokenizers")
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
 VOCAB = 40
 
 

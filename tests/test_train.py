@@ -142,15 +142,6 @@ def test_group_similarity():
 
 # ---- with transformers ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def hf():
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("datasets")
-    pytest.importorskip("tokenizers")
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
 def _tiny_model(hf, vocab=64, tied=True, seed=0):
     torch.manual_seed(seed)
     config = hf.GPT2Config(vocab_size=vocab, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,

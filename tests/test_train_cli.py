@@ -13,11 +13,7 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def train():
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("datasets")
-    pytest.importorskip("tokenizers")
-    transformers.logging.set_verbosity_error()
+def train(hf):
     from fused_cosloss import train
 
     return train

@@ -5,10 +5,7 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def tools():
-    pytest.importorskip("transformers")
-    pytest.importorskip("datasets")
-    pytest.importorskip("tokenizers")
+def tools(hf):
     from fused_cosloss import text_data, train
 
     return text_data, train

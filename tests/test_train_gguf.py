@@ -12,14 +12,10 @@ import torch
 H, FFN, HEADS = 16, 32, 2
 
 
-@pytest.fixture(scope="module")
-def hf():
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("datasets")
-    pytest.importorskip("tokenizers")
+@pytest.fixture(autouse=True)
+def _gguf(hf):
+    """Every test here needs transformers (conftest's ``hf``) and the gguf package's writer."""
     pytest.importorskip("gguf")
-    transformers.logging.set_verbosity_error()
-    return transformers
 
 
 TEXT = "the cat sat on the mat\nthe dog ran to the cat\n\na bird sat on the dog\n"
