@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from fused_cosloss.options import LossOptions  # noqa: E402
+
 IGNORE_INDEX = -100
 MEMORY_SHARE = 0.05         # issue 3: peak extra memory at most 5 % of the logits' bytes
 OFFSET_TOLERANCE = 1e-2     # tests/test_triton.py's for the rows past 2**31 elements (bfloat16)
@@ -163,8 +165,8 @@ def selection_unit(rec: Recorder, shapes: Shapes, dtype_name: str, vocab: int) -
     for k in shapes.select_ks:
         target = "S equal to the first K of a stable descending sort on every row; S's values exact"
         with rec.check(f"selection {dtype_name} V={vocab} K={k}", target) as result:
-            _, _, _, saved = ops.forward_rows(logits, labels, embedding, 1.0, k, IGNORE_INDEX, True)
-            s_idx, s_val = saved[2], saved[3]
+            _, _, _, saved = ops.forward_rows(logits, labels, embedding, LossOptions(1.0, k, IGNORE_INDEX, True))
+            s_idx, s_val = saved.s_idx, saved.s_val
             idx = s_idx.long() & 0xFFFF if s_idx.dtype == torch.int16 else s_idx.long()
             want = order[:, :k].sort(dim=1).values
             got, position = idx.sort(dim=1)

@@ -5,9 +5,9 @@ call, timed separately, against the device-memory bytes docs/triton_kernel.md pr
     python bench/stages.py --path backward              # forward_rows then backward_rows
     TRITON_INTERPRET=1 python bench/stages.py --device cpu --tokens 8 --vocab 300 --hidden 16 --topk 8
 
-Every kernel of ``fused_cosloss.triton_ops`` (and the host steps ``_grouped_entries`` /
-``_target_segments``) is wrapped so that each launch is bracketed by CUDA events (on CPU,
-the interpreter, by the clock); the table gives the median over ``--repeats`` calls of
+Every kernel of ``fused_cosloss.triton_ops`` (in the module that launches it) and the host
+steps of ``triton_ops/grouping.py`` are wrapped so that each launch is bracketed by CUDA
+events (on CPU, the interpreter, by the clock); the table gives the median over ``--repeats`` calls of
 each stage's summed time per call, its predicted bytes, and the bandwidth that implies.
 The first GPU session compares these with the doc's byte count: a stage far below the
 copy bandwidth is the one to look at.
@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from types import ModuleType
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -28,9 +29,12 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from fused_cosloss.options import LossOptions  # noqa: E402
+
 KERNELS = ("row_stats_kernel", "cosine_kernel", "backward_rows_kernel", "direction_chunk_kernel",
            "embedding_grad_kernel", "selected_grad_kernel")
-HOST_STEPS = ("_grouped_entries", "_target_segments")
+# the host steps of triton_ops/grouping.py, by the names the table gives them
+HOST_STEPS = {"_grouped_entries": "grouped_entries", "_target_segments": "target_segments"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -104,15 +108,28 @@ def _timed_host(function, name: str, clock_ref: list):
     return timed
 
 
-def other_kernels(ops) -> list[str]:
-    """Names of every Triton kernel the backend module launches (compiled or interpreted)."""
+def kernel_sites(ops) -> dict[str, ModuleType]:
+    """Every Triton kernel of the backend package (compiled or interpreted) -> the module of
+    ``ops`` that defines it and launches it."""
     from triton.runtime.jit import JITFunction
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover
         InterpretedFunction = JITFunction
-    return sorted(name for name, value in vars(ops).items()
-                  if name.endswith("_kernel") and isinstance(value, (JITFunction, InterpretedFunction)))
+    sites = {}
+    for module in vars(ops).values():
+        if not isinstance(module, ModuleType) or not module.__name__.startswith(ops.__name__ + "."):
+            continue
+        for name, value in vars(module).items():
+            if (name.endswith("_kernel") and isinstance(value, (JITFunction, InterpretedFunction))
+                    and value.fn.__module__ == module.__name__):
+                sites[name] = module
+    return sites
+
+
+def other_kernels(ops) -> list[str]:
+    """Names of every Triton kernel the backend package launches."""
+    return sorted(kernel_sites(ops))
 
 
 def predicted_bytes(args, chunks: int) -> dict[str, float]:
@@ -135,6 +152,7 @@ def predicted_bytes(args, chunks: int) -> dict[str, float]:
 
 def run(args) -> list[dict]:
     import fused_cosloss.triton_ops as ops
+    from fused_cosloss.triton_ops import grouping, tiles
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -149,25 +167,29 @@ def run(args) -> list[dict]:
     k = min(args.topk, args.vocab)
 
     clock_ref = [Clock(args.device)]
-    kernels = KERNELS + (tuple(name for name in other_kernels(ops) if name not in KERNELS) if args.all_kernels else ())
-    originals = {name: getattr(ops, name) for name in kernels + HOST_STEPS + ("_interpreted",)}
-    interpreted = ops._interpreted()
+    sites = kernel_sites(ops)
+    kernels = KERNELS + (tuple(name for name in sorted(sites) if name not in KERNELS) if args.all_kernels else ())
+    # (module, attribute, the stage's name): the launchers look their kernel up in their module,
+    # the backend the host steps in grouping.py, at every call
+    targets = [(sites[name], name, name) for name in kernels]
+    targets += [(grouping, attribute, stage) for stage, attribute in HOST_STEPS.items()]
+    originals = [(module, attribute, getattr(module, attribute)) for module, attribute, _ in targets]
+    # the wrappers hide the kernels' type; tiles.interpreted() asks select.py's helpers, which stay
     try:
-        # ops._interpreted() looks at the type of ops.row_stats_kernel, which the wrapper hides:
-        # without this, the interpreter would run the GPU's tiles (one row per step, ~20x slower)
-        ops._interpreted = lambda: interpreted
-        for name in kernels:
-            setattr(ops, name, TimedKernel(originals[name], name, clock_ref))
-        for name in HOST_STEPS:
-            setattr(ops, name, _timed_host(originals[name], name, clock_ref))
+        for (module, attribute, stage), (_, _, original) in zip(targets, originals):
+            wrapped = TimedKernel(original, stage, clock_ref) if attribute.endswith("_kernel") else _timed_host(
+                original, stage, clock_ref)
+            setattr(module, attribute, wrapped)
+
+        options = LossOptions(1.0, k, -100, with_cos)
 
         def call():
             if args.path == "grad-in-forward":
-                return ops.forward_backward_rows(logits, labels, embedding, 1.0, k, -100, with_cos, grad_ce,
-                                                 grad_cos, True, with_cos)
-            _, _, _, saved = ops.forward_rows(logits, labels, embedding, 1.0, k, -100, with_cos)
-            return ops.backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, 1.0, k, -100, with_cos,
-                                     True, with_cos)
+                return ops.forward_backward_rows(logits, labels, embedding, grad_ce, grad_cos, options,
+                                                 need_logits_grad=True, need_embedding_grad=with_cos)
+            _, _, _, saved = ops.forward_rows(logits, labels, embedding, options)
+            return ops.backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options,
+                                     need_logits_grad=True, need_embedding_grad=with_cos)
 
         call()  # compilation and autotuning, not timed
         per_call = defaultdict(list)
@@ -179,10 +201,10 @@ def run(args) -> list[dict]:
             for name, ms in clock_ref[0].totals_ms().items():
                 per_call[name].append(ms)
     finally:
-        for name, original in originals.items():
-            setattr(ops, name, original)
+        for module, attribute, original in originals:
+            setattr(module, attribute, original)
 
-    chunks = len(range(0, args.hidden, ops.hidden_chunk(args.vocab, args.hidden, torch.finfo(dtype).bits // 8)))
+    chunks = len(range(0, args.hidden, tiles.hidden_chunk(args.vocab, args.hidden, torch.finfo(dtype).bits // 8)))
     bytes_of = predicted_bytes(args, chunks)
     rows = []
     for name, times in per_call.items():
@@ -190,7 +212,7 @@ def run(args) -> list[dict]:
         predicted = bytes_of.get(name)
         rows.append({"stage": name, "median_ms": ms, "predicted_bytes": predicted,
                      "gb_per_s": predicted / ms / 1e6 if predicted and ms > 0 else None})
-    order = {name: i for i, name in enumerate(kernels + HOST_STEPS + ("total",))}
+    order = {name: i for i, name in enumerate(kernels + tuple(HOST_STEPS) + ("total",))}
     return sorted(rows, key=lambda row: order.get(row["stage"], len(order)))
 
 

@@ -1,7 +1,7 @@
 // The native CPU kernel of fused_cosloss: the mixed loss of docs/spec.md,
 //   loss_n = alpha * (1 - cos_n) + (1 - alpha) * ce_n,
 // computed per row (position) and differentiated by hand. Python (native.py)
-// calls forward() and backward() through the shared KernelRows autograd Function;
+// calls forward() and backward() through the shared KernelRowsFunction (autograd.py);
 // alpha and the reduction live in the caller's coefficients grad_ce / grad_cos.
 //
 // Forward, per valid row n (rows split over threads with at::parallel_for):

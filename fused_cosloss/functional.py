@@ -1,19 +1,20 @@
 """``mixed_loss``: next-token cross-entropy mixed with a cosine distance in embedding space."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 
 from . import backends
-from ._compiler_marks import assume_constant_result
-from ._custom_ops import compiled_kernel_rows
-from ._kernel_function import kernel_loss, kernel_rows
-from ._loss_terms import loss_rows
-from ._meta import meta_rows
-from ._validation import check_flag, check_ignore_index, check_label_range, check_scalars, check_tensors
-from .errors import UnsupportedDifferentiationError
+from .autograd import GradIntoLogitsFunction, kernel_loss, kernel_rows
+from .backends import Backend
+from .compile_ops import compiled_kernel_rows
+from .loss_math import loss_rows, reduce_positions
+from .meta import meta_rows
+from .options import LossOptions
 from .reference import reference_rows
+from .validation import check_flag, check_ignore_index, check_label_range, check_scalars, check_tensors
 
 
 class MixedLossOutput(NamedTuple):
@@ -94,29 +95,42 @@ def mixed_loss(
     if shift:
         labels = shift_labels(labels, ignore_index)
     check_label_range(labels, vocab, ignore_index)
+    if inplace_grad and torch.compiler.is_compiling():
+        raise ValueError("inplace_grad: expected False under torch.compile (a traced graph may not write "
+                         "over its inputs in the backward), got True")
+    gradient_now = _grad_in_forward(grad_in_forward, reduction, return_parts, logits, embedding)
 
     flat_logits, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
-    with_cos = alpha > 0 or return_parts
-    if logits.is_meta:  # shapes and dtypes only (see _meta.py)
-        ce_rows, cos_rows, correct = meta_rows(flat_logits, cos_shared=(embedding,), with_cos=with_cos)
-        return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
-                        reduction=reduction, shift=shift, return_parts=return_parts)
-    loss = None
-    if _grad_in_forward(grad_in_forward, reduction, return_parts, logits, embedding):
-        ops = backends.resolve(backend, flat_logits, embedding)
-        if ops is not None:
-            loss, ce_rows, cos_rows, correct = kernel_loss(
-                ops, flat_logits, flat_labels, embedding, temperature, _k(topk, vocab), ignore_index, with_cos, alpha,
-                reduction, inplace_grad)
-    if loss is None:
-        ce_rows, cos_rows, correct = _rows(flat_logits, flat_labels, embedding, temperature, topk, ignore_index,
-                                           with_cos=with_cos, backend=backend, inplace_grad=inplace_grad)
-    return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
-                    reduction=reduction, shift=shift, return_parts=return_parts, loss=loss)
+    options = LossOptions.resolve(temperature=temperature, topk=topk, vocab=vocab, ignore_index=ignore_index,
+                                  with_cos=alpha > 0 or return_parts)
+    finish = functools.partial(assemble, labels=labels, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+                               shift=shift, return_parts=return_parts)
+    if logits.is_meta:  # shapes and dtypes only (see meta.py)
+        return finish(*meta_rows(flat_logits, cos_shared=(embedding,), with_cos=options.with_cos))
+    chosen = backends.resolve(backend, flat_logits, embedding)
+    if gradient_now and chosen.is_kernel:
+        loss, *terms = kernel_loss(chosen.ops, flat_logits, flat_labels, embedding, options, alpha=alpha,
+                                   reduction=reduction, inplace_grad=inplace_grad)
+        return finish(*terms, loss=loss)
+    return finish(*position_terms(chosen, flat_logits, flat_labels, embedding, options, inplace_grad=inplace_grad))
+
+
+def position_terms(backend: Backend, logits, labels, embedding, options: LossOptions, *, inplace_grad=False):
+    """``(ce, cos, correct)`` per position of ``logits [N, V]`` on the chosen backend: the reference
+    differentiated by autograd, a kernel through its autograd Function, or, while ``torch.compile``
+    traces, through its custom op (one opaque node of the graph)."""
+    if not backend.is_kernel:
+        if inplace_grad:
+            logits = GradIntoLogitsFunction.apply(logits)
+        return reference_rows(logits, labels, embedding, options)
+    if torch.compiler.is_compiling():
+        return compiled_kernel_rows(backend.name, logits, labels, embedding, options)
+    return kernel_rows(backend.ops, logits, labels, embedding, options, inplace_grad=inplace_grad)
 
 
 def _grad_in_forward(option, reduction, return_parts, logits, embedding) -> bool:
-    """Whether this call computes the gradient in the forward (see ``mixed_loss``'s grad_in_forward)."""
+    """Whether this call computes the gradient in the forward where a kernel backend runs (see
+    ``mixed_loss``'s grad_in_forward)."""
     if option is False:
         return False
     if option and reduction == "none":
@@ -129,11 +143,7 @@ def _grad_in_forward(option, reduction, return_parts, logits, embedding) -> bool
     return bool(option) or (reduction != "none" and not return_parts)
 
 
-def _k(topk, vocab: int) -> int:
-    return vocab if topk is None else min(topk, vocab)
-
-
-def assemble(ce_rows, cos_rows, correct, labels, *, alpha, ignore_index, reduction, shift, return_parts, loss=None):
+def assemble(ce_rows, cos_rows, correct, *, labels, alpha, ignore_index, reduction, shift, return_parts, loss=None):
     """The loss (or a :class:`MixedLossOutput`) from the per-position ce_n, cos_n and
     argmax == label of the flattened ``labels`` (already shifted when ``shift``); ``loss``,
     when given, is the reduced loss already computed (with its own gradient)."""
@@ -142,13 +152,13 @@ def assemble(ce_rows, cos_rows, correct, labels, *, alpha, ignore_index, reducti
     n_valid = valid.sum()
     shape = labels.shape
     if loss is None:
-        loss = _reduce(per_position, n_valid, reduction, shape, shift)
+        loss = reduce_positions(per_position, n_valid, reduction, shape, shift)
     if not return_parts:
         return loss
     return MixedLossOutput(
         loss=loss,
-        ce=_reduce(ce_rows, n_valid, reduction, shape, shift),
-        cos=_reduce(dist_rows, n_valid, reduction, shape, shift),
+        ce=reduce_positions(ce_rows, n_valid, reduction, shape, shift),
+        cos=reduce_positions(dist_rows, n_valid, reduction, shape, shift),
         n_valid=n_valid.detach(),
         n_correct=(correct & valid).sum().detach(),
         cos_sim_sum=torch.where(valid, cos_rows, torch.zeros_like(cos_rows)).sum().detach(),
@@ -160,66 +170,3 @@ def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     without copying the logits (their last position is simply ignored)."""
     pad = torch.full_like(labels[..., :1], ignore_index)
     return torch.cat([labels[..., 1:], pad], dim=-1)
-
-
-_KERNEL_NAMES = {module: name for name, module in backends.KERNEL_MODULES.items()}
-
-
-@assume_constant_result
-def _resolved_name(backend: str, logits_device, logits_dtype, embedding_device, embedding_dtype) -> str:
-    """The backend ``backends.resolve`` picks for tensors of these devices and dtypes, by name
-    (run once per compilation: the choice is a constant of the graph)."""
-    logits = torch.empty(1, 1, device=logits_device, dtype=logits_dtype)
-    embedding = torch.empty(1, 1, device=embedding_device, dtype=embedding_dtype)
-    ops = backends.resolve(backend, logits, embedding)
-    return "reference" if ops is None else _KERNEL_NAMES[ops.__name__]
-
-
-def _rows(logits, labels, embedding, temperature, topk, ignore_index, *, with_cos, backend, inplace_grad=False):
-    k = _k(topk, logits.shape[-1])
-    if torch.compiler.is_compiling():
-        if inplace_grad:
-            raise ValueError("inplace_grad: expected False under torch.compile (a traced graph may not write "
-                             "over its inputs in the backward), got True")
-        # traced: the choice depends on devices and dtypes only; the kernel is one custom-op node
-        name = _resolved_name(backend, logits.device, logits.dtype, embedding.device, embedding.dtype)
-        if name == "reference":
-            return reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos)
-        return compiled_kernel_rows(name, logits, labels, embedding, temperature, k, ignore_index, with_cos)
-    ops = backends.resolve(backend, logits, embedding)
-    if ops is None:
-        if inplace_grad:
-            logits = GradIntoLogits.apply(logits)
-        return reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos)
-    return kernel_rows(ops, logits, labels, embedding, temperature, k, ignore_index, with_cos, inplace_grad)
-
-
-class GradIntoLogits(torch.autograd.Function):
-    """Identity whose backward copies the incoming gradient into the input's storage and returns
-    that storage: ``inplace_grad`` for the reference (same result, no memory saved)."""
-
-    @staticmethod
-    def forward(ctx, logits):
-        ctx.save_for_backward(logits)
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: a copy into the logits' storage has no graph
-            raise UnsupportedDifferentiationError(
-                "mixed_loss: inplace_grad=True writes the logits gradient over the logits, so it cannot be "
-                "differentiated again (create_graph=True); pass inplace_grad=False for a higher-order gradient")
-        (logits,) = ctx.saved_tensors
-        with torch.no_grad():
-            logits.copy_(grad)
-        return logits
-
-
-def _reduce(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str, shape, shift: bool) -> torch.Tensor:
-    """Reduce per-position values; ``"none"`` keeps the labels' shape (less the last position when shifted)."""
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "mean":
-        return rows.sum() / n_valid.clamp_min(1).to(rows.dtype)
-    per_position = rows.reshape(shape)
-    return per_position[..., :-1] if shift else per_position

@@ -62,7 +62,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ._validation import check_chunk_size, check_flag, check_ignore_index, check_scalars, real_number
+from .validation import check_chunk_size, check_flag, check_ignore_index, check_scalars, real_number
 from .functional import mixed_loss
 from .linear import linear_mixed_loss
 

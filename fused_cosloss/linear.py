@@ -1,13 +1,16 @@
 """``linear_mixed_loss``: the mixed loss from hidden states, without materialising the logits."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from . import _compiler_marks as compiler_marks, _reference_ops, backends
-from ._kernel_function import kernel_layouts
-from ._linear_function import LinearMixedLoss, LinearMixedRows
-from ._meta import meta_rows
-from ._validation import (check_chunk_size, check_flag, check_ignore_index, check_label_range, check_linear_tensors,
+from . import backends, compiler_marks
+from .autograd import kernel_layouts
+from .linear_autograd import LinearMixedLossFunction, LinearMixedRowsFunction
+from .meta import meta_rows
+from .options import LossOptions
+from .validation import (check_chunk_size, check_flag, check_ignore_index, check_label_range, check_linear_tensors,
                           check_scalars)
 from .functional import assemble, shift_labels
 
@@ -74,20 +77,18 @@ def linear_mixed_loss(
     if shift:
         labels = shift_labels(labels, ignore_index)
     check_label_range(labels, vocab, ignore_index)
-    if hidden.is_meta:  # shapes and dtypes only (see _meta.py)
-        ce_rows, cos_rows, correct = meta_rows(
-            hidden.reshape(-1, hidden.shape[-1]), shared=[t for t in (weight, bias) if t is not None],
-            cos_shared=[embedding] if embedding is not None else [], with_cos=alpha > 0 or return_parts)
-        return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
-                        reduction=reduction, shift=shift, return_parts=return_parts)
-
-    loss, ce_rows, cos_rows, correct = _linear_rows(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, embedding, labels.reshape(-1),
-        temperature, topk, ignore_index, with_cos=alpha > 0 or return_parts, backend=backend,
-        chunk_size=chunk_size, alpha=alpha, reduction=reduction,
-    )
-    return assemble(ce_rows, cos_rows, correct, labels, alpha=alpha, ignore_index=ignore_index,
-                    reduction=reduction, shift=shift, return_parts=return_parts, loss=loss)
+    options = LossOptions.resolve(temperature=temperature, topk=topk, vocab=vocab, ignore_index=ignore_index,
+                                  with_cos=alpha > 0 or return_parts)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    finish = functools.partial(assemble, labels=labels, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+                               shift=shift, return_parts=return_parts)
+    if hidden.is_meta:  # shapes and dtypes only (see meta.py)
+        return finish(*meta_rows(flat_hidden, shared=[t for t in (weight, bias) if t is not None],
+                                 cos_shared=[embedding] if embedding is not None else [], with_cos=options.with_cos))
+    loss, ce_rows, cos_rows, correct = _chunked_terms(
+        flat_hidden, weight, bias, embedding, labels.reshape(-1), options, backend=backend, chunk_size=chunk_size,
+        alpha=alpha, reduction=reduction)
+    return finish(ce_rows, cos_rows, correct, loss=loss)
 
 
 def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
@@ -97,22 +98,19 @@ def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
 
 
 @compiler_marks.disable
-def _linear_rows(hidden, weight, bias, embedding, labels, temperature, topk, ignore_index, *, with_cos, backend,
-                 chunk_size, alpha, reduction):
+def _chunked_terms(hidden, weight, bias, embedding, labels, options: LossOptions, *, backend, chunk_size, alpha,
+                   reduction):
     """(loss or None, ce, cos, correct) per position; the loss when it was computed with its gradient."""
-    vocab = weight.shape[0]
-    k = vocab if topk is None else min(topk, vocab)
     hidden = hidden.contiguous()
     weight = weight.contiguous()
     table = weight if embedding is None else embedding
     # the chunk logits have hidden's dtype and device: the backend is chosen for them
-    ops = backends.resolve(backend, hidden, table) or _reference_ops
+    ops = backends.resolve(backend, hidden, table).ops
     _, labels, table = kernel_layouts(hidden, labels, table)
     embedding = None if embedding is None else table
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], vocab, hidden.device)
-    args = (hidden, weight, bias, embedding, labels, ops, float(temperature), int(k), int(ignore_index),
-            bool(with_cos), int(chunk))
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
+    args = (hidden, weight, bias, embedding, labels, ops, options, int(chunk))
     differentiable = [t for t in (hidden, weight, bias, embedding) if t is not None and t.requires_grad]
     if reduction != "none" and differentiable and torch.is_grad_enabled():
-        return LinearMixedLoss.apply(*args, float(alpha), reduction)
-    return (None, *LinearMixedRows.apply(*args))
+        return LinearMixedLossFunction.apply(*args, float(alpha), reduction)
+    return (None, *LinearMixedRowsFunction.apply(*args))

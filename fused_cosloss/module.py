@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validation import check_chunk_size, check_flag, check_ignore_index, check_scalars
+from .validation import check_chunk_size, check_flag, check_ignore_index, check_scalars
 from .functional import mixed_loss
 from .linear import linear_mixed_loss
 
 
-class _LossOptions(nn.Module):
+class _LossModule(nn.Module):
     """The options both loss modules share, checked once at construction."""
 
     def __init__(self, alpha, temperature, topk, ignore_index, reduction, shift, backend):
@@ -35,7 +35,7 @@ class _LossOptions(nn.Module):
         )
 
 
-class MixedLoss(_LossOptions):
+class MixedLoss(_LossModule):
     """Cross-entropy mixed with an embedding-space cosine distance; see :func:`mixed_loss`.
 
     Example::
@@ -73,7 +73,7 @@ class MixedLoss(_LossOptions):
         return super().extra_repr() + extra
 
 
-class LinearMixedLoss(_LossOptions):
+class LinearMixedLoss(_LossModule):
     """The mixed loss from hidden states and the LM head weight, without materialising the
     logits; see :func:`linear_mixed_loss`.
 

@@ -14,7 +14,7 @@ loaded on a CPU that torch says supports its instruction set (no ``-march=native
 ``FUSED_COSLOSS_NATIVE_ISA`` asks for a lower one (AVX2 or DEFAULT), e.g. to test them.
 
 A build says so on the ``fused_cosloss`` logger when it starts and when it is done
-(``_build_report.py``); ``python -m fused_cosloss.build`` runs it ahead of time. If it fails,
+(``build_report.py``); ``python -m fused_cosloss.build`` runs it ahead of time. If it fails,
 ``unavailable_reason`` returns its cause in one line, the fix and where the build log is, so
 that ``backend="native"`` raises that and ``backend="auto"`` warns once and uses the reference.
 Other knobs: ``FUSED_COSLOSS_VERBOSE=1`` (ninja's output as it builds, and the build log in
@@ -27,7 +27,7 @@ gradient autograd frees is kept, up to 1 GiB by default, and handed out again fo
 next request of the same size, so the next step does not fault its pages in again (which
 costs more than computing the gradient on CPU). :func:`empty_cache` frees it.
 
-The protocol (see ``_kernel_function.py``): ``unavailable_reason``, ``forward_rows``,
+The protocol (see ``protocol.py``): ``unavailable_reason``, ``forward_rows``,
 ``backward_rows``. The saved state is ``(stats, idx, w, c, g2)``: per row the
 maximum m, log sum exp(z - m) and the cosine, the top-k indices (int32), their softmax
 weights, the cosine's logit-gradient coefficients at them, and dcos/dmu, dcos/de
@@ -52,7 +52,9 @@ from pathlib import Path
 
 import torch
 
-from . import _build_report
+from . import build_report
+from .options import LossOptions
+from .protocol import RowsForward
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _COMMON_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
@@ -152,9 +154,9 @@ def _build():
             if library.exists():
                 return _import_library(name, library)
 
-    compiler, compiler_where = _build_report.find_compiler()  # before anything else: the likeliest failure
+    compiler, compiler_where = build_report.find_compiler()  # before anything else: the likeliest failure
     _ensure_ninja_on_path()
-    _build_report.require_ninja()
+    build_report.require_ninja()
     src_dir = build_dir / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     for path in files:  # a private copy: the build does not depend on where the package lives
@@ -165,7 +167,7 @@ def _build():
             os.replace(tmp, target)
     from torch.utils import cpp_extension
 
-    _build_report.announce_start(compiler, compiler_where, build_dir)
+    build_report.announce_start(compiler, compiler_where, build_dir)
     started = time.monotonic()
     try:
         module = cpp_extension.load(
@@ -176,12 +178,12 @@ def _build():
             extra_include_paths=[str(src_dir)],
             build_directory=str(build_dir),
             with_cuda=False,
-            verbose=_build_report.verbose(),
+            verbose=build_report.verbose(),
         )
     except Exception as error:  # the compiler's or the loader's message, led by its cause
-        raise _build_report.diagnose(error, compiler, build_dir / "build.log") from error
+        raise build_report.diagnose(error, compiler, build_dir / "build.log") from error
     done.write_text(f"{name}\n{chosen}\n{' '.join(cflags)}\n")
-    _build_report.announce_done(time.monotonic() - started, build_dir)
+    build_report.announce_done(time.monotonic() - started, build_dir)
     _prune_old_builds(build_dir.parent)
     return module
 
@@ -218,7 +220,7 @@ def _load():
             else:
                 try:
                     _state["module"] = _build()
-                except _build_report.NativeBuildError as error:  # cause, fix, where the log is
+                except build_report.NativeBuildError as error:  # cause, fix, where the log is
                     _state["error"], _state["exception"] = str(error), error
                 except Exception as error:  # anything else: report, never crash the caller
                     _state["error"] = f"the native CPU kernel failed to build or load: {type(error).__name__}: {error}"
@@ -267,31 +269,32 @@ def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | N
     return _load()[1]
 
 
-def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos):
+def forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:
     """Per-row ce, cos, correct and the saved state (see the module docstring)."""
-    ce, cos, correct, stats, idx, w, c, g2 = extension().forward(
-        logits, labels, embedding, float(temperature), int(k), int(ignore_index), bool(with_cos))
-    saved = (stats, idx, w, c, g2) if with_cos else (stats,)
-    return ce, cos, correct, saved
+    ce, cos, correct, stats, idx, w, c, g2 = extension().forward(logits, labels, embedding, *options.as_schema_args())
+    saved = (stats, idx, w, c, g2) if options.with_cos else (stats,)
+    return RowsForward(ce, cos, correct, saved)
 
 
-def fake_forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos):
+def fake_forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:
     """Empty tensors of the shapes and dtypes ``forward_rows`` returns (the custom op's fake kernel)."""
     n, hidden = logits.shape[0], embedding.shape[1]
-    rows, kk = (n, int(k)) if with_cos else (0, 0)
+    with_cos = options.with_cos
+    rows, kk = (n, options.k) if with_cos else (0, 0)
     f32 = dict(device=logits.device, dtype=torch.float32)
     stats = torch.empty(n, 3, **f32)
     saved = (stats, torch.empty(rows, kk, device=logits.device, dtype=torch.int32), torch.empty(rows, kk, **f32),
              torch.empty(rows, kk, **f32), torch.empty(rows, 2, hidden, **f32))
     correct = torch.empty(n, device=logits.device, dtype=torch.bool)
-    return torch.empty(n, **f32), torch.empty(n, **f32), correct, saved if with_cos else (stats,)
+    return RowsForward(torch.empty(n, **f32), torch.empty(n, **f32), correct, saved if with_cos else (stats,))
 
 
-def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options: LossOptions, *,
                   need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
     """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n in the dtypes of logits and embedding
     (``inplace``: into the logits' storage; ``embedding_grad_out``: added to that float32 tensor)."""
     stats, *rest = saved
+    with_cos = options.with_cos
     if with_cos:
         idx, w, c, g2 = rest
     else:
@@ -299,7 +302,7 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
     dlogits, dembedding = extension().backward(
         logits, labels, embedding, stats, idx, w, c, g2,
         grad_ce.to(torch.float32).contiguous(), grad_cos.to(torch.float32).contiguous(),
-        int(k), int(ignore_index), bool(with_cos), bool(need_logits_grad), bool(need_embedding_grad), bool(inplace),
+        options.k, options.ignore_index, with_cos, bool(need_logits_grad), bool(need_embedding_grad), bool(inplace),
         embedding_grad_out)
     # Without the cosine term the loss does not depend on the embedding: no gradient, as in the reference.
     wanted = need_embedding_grad and with_cos and embedding_grad_out is None

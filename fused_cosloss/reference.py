@@ -17,6 +17,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .options import LossOptions
+
 EPS = 1e-12
 
 
@@ -168,28 +170,20 @@ def cosine(mu: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return dot / (mu.norm(dim=-1).clamp_min(EPS) * e.norm(dim=-1).clamp_min(EPS))
 
 
-def reference_rows(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    embedding: torch.Tensor,
-    temperature: float,
-    topk: int | None,
-    ignore_index: int,
-    with_cos: bool = True,
-):
+def reference_rows(logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, options: LossOptions):
     """Per-position statistics of the mixed loss.
 
     Args:
         logits: ``[N, V]`` floating. labels: ``[N]`` integer. embedding: ``[V, H]``.
-        topk: K, or None for the whole vocabulary. with_cos: False skips the cosine term
-            (its rows are then zero).
+        options: the resolved :class:`~fused_cosloss.options.LossOptions` (``k >= V``: the whole
+            vocabulary; ``with_cos=False`` skips the cosine term, whose rows are then zero).
 
     Returns:
         ``(ce, cos, correct)``, each ``[N]``: ce_n and cos_n in the compute dtype, zero at
         ignored positions, and whether argmax(z_n) == y_n.
     """
     with autocast_off(logits.device):
-        return _reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos)
+        return _reference_rows(logits, labels, embedding, options)
 
 
 def autocast_off(device: torch.device):
@@ -200,14 +194,13 @@ def autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _reference_rows(logits, labels, embedding, temperature, topk, ignore_index, with_cos):
+def _reference_rows(logits, labels, embedding, options: LossOptions):
     """``reference_rows`` with autocast off."""
     dtype = compute_dtype(logits.dtype)
-    n, vocab = logits.shape
-    k = vocab if topk is None else min(topk, vocab)
+    n = logits.shape[0]
     if torch.compiler.is_compiling():
-        return _reference_rows_traceable(logits, labels, embedding, temperature, k, ignore_index, with_cos, dtype)
-    rows = (labels != ignore_index).nonzero().squeeze(1)
+        return _reference_rows_traceable(logits, labels, embedding, options, dtype)
+    rows = (labels != options.ignore_index).nonzero().squeeze(1)
     # Ignored rows are left out (their logits may be anything, NaN included, and get exact
     # zero gradients); when every row is valid the logits are used without a copy.
     all_valid = rows.numel() == n
@@ -216,9 +209,9 @@ def _reference_rows(logits, labels, embedding, temperature, topk, ignore_index, 
 
     ce = cross_entropy(z, y)
     correct = z.argmax(dim=-1) == y
-    if with_cos:
+    if options.with_cos:
         table = embedding.to(dtype)
-        cos = cosine(expected_embedding(z, table, temperature, k), table.index_select(0, y))
+        cos = cosine(expected_embedding(z, table, options.temperature, options.k), table.index_select(0, y))
     else:
         cos = torch.zeros_like(ce)
 
@@ -228,20 +221,20 @@ def _reference_rows(logits, labels, embedding, temperature, topk, ignore_index, 
     return scatter(ce), scatter(cos), scatter(correct)
 
 
-def _reference_rows_traceable(logits, labels, embedding, temperature, k, ignore_index, with_cos, dtype):
+def _reference_rows_traceable(logits, labels, embedding, options: LossOptions, dtype):
     """``reference_rows`` with static shapes (the traced path): ignored rows are masked to
     zero logits and label 0 instead of being left out (so NaN in them stays out, and their
     gradients are exact zeros through ``torch.where``), and their results are zeroed."""
-    valid = labels != ignore_index
+    valid = labels != options.ignore_index
     zero = torch.zeros((), device=logits.device, dtype=dtype)
     z = torch.where(valid[:, None], logits.to(dtype), zero)
     y = torch.where(valid, labels.long(), torch.zeros_like(labels, dtype=torch.long))
 
     ce = cross_entropy(z, y)
     correct = (z.argmax(dim=-1) == y) & valid
-    if with_cos:
+    if options.with_cos:
         table = embedding.to(dtype)
-        cos = cosine(expected_embedding(z, table, temperature, k), table.index_select(0, y))
+        cos = cosine(expected_embedding(z, table, options.temperature, options.k), table.index_select(0, y))
         cos = torch.where(valid, cos, zero)
     else:
         cos = torch.zeros_like(ce)

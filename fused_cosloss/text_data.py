@@ -10,6 +10,8 @@ from __future__ import annotations
 from itertools import chain
 
 GENERATED = "generated"
+PYDOC = "pydoc"
+DATASETS = (GENERATED, PYDOC)  # the built-in corpora --dataset_name takes besides a datasets id
 EOS = "<|endoftext|>"
 
 
@@ -41,40 +43,54 @@ def load_local_file(path: str, split: str, text_field: str, keep_linebreaks: boo
     return ds
 
 
-def load_raw_splits(args) -> dict:
-    """``{"train": Dataset, "validation": Dataset, "test": Dataset or missing}`` with a text column."""
+def load_raw_splits(data, seed: int) -> dict:
+    """``{"train": Dataset, "validation": Dataset, "test": Dataset or missing}`` with a text column, from the
+    script's data arguments (``fused_cosloss.train.DataTrainingArguments``); ``seed`` shuffles the held-out
+    validation rows when the data has no validation split."""
     import datasets
 
     splits = {}
-    files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
+    files = {"train": data.train_file, "validation": data.validation_file, "test": data.test_file}
     if any(files.values()):
-        if not args.train_file:
+        if not data.train_file:
             raise SystemExit("--validation_file/--test_file need --train_file")
         for split, path in files.items():
             if path:
-                splits[split] = load_local_file(path, split, args.text_field, args.keep_linebreaks)
-    elif args.dataset_name == GENERATED:
-        from . import corpus
-
-        n = args.generated_sentences
-        generated = corpus.corpus_splits(n, max(n // 10, 1), max(n // 10, 1), seed=0)
-        splits = {split: datasets.Dataset.from_dict({args.text_field: docs}) for split, docs in generated.items()}
+                splits[split] = load_local_file(path, split, data.text_field, data.keep_linebreaks)
+    elif data.dataset_name in DATASETS:
+        splits = {split: datasets.Dataset.from_dict({data.text_field: texts})
+                  for split, texts in builtin_splits(data.dataset_name, data.generated_sentences).items()}
     else:
-        loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        loaded = datasets.load_dataset(data.dataset_name, data.dataset_config_name)
         splits = {name: loaded[name] for name in loaded}
         if "valid" in splits and "validation" not in splits:
             splits["validation"] = splits.pop("valid")
     if "train" not in splits:
         raise SystemExit(f"the dataset has no 'train' split (it has {sorted(splits)})")
-    if args.text_field not in splits["train"].column_names:
-        raise SystemExit(f"--text_field {args.text_field!r}: not a column of the data ({splits['train'].column_names})")
+    if data.text_field not in splits["train"].column_names:
+        raise SystemExit(f"--text_field {data.text_field!r}: not a column of the data ({splits['train'].column_names})")
     if "validation" not in splits:
-        held_out = splits["train"].train_test_split(test_size=args.validation_split_percentage / 100.0, seed=args.seed)
+        held_out = splits["train"].train_test_split(test_size=data.validation_split_percentage / 100.0, seed=seed)
         splits["train"], splits["validation"] = held_out["train"], held_out["test"]
-    for split, limit in (("train", args.subset_train), ("validation", args.subset_val), ("test", args.subset_test)):
+    limits = {"train": data.max_train_samples, "validation": data.max_eval_samples, "test": data.max_test_samples}
+    for split, limit in limits.items():
         if split in splits and limit is not None:
             splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
     return splits
+
+
+def builtin_splits(name: str, generated_sentences: int = 6000) -> dict[str, list[str]]:
+    """The texts of a built-in corpus: ``generated`` (:mod:`fused_cosloss.corpus`, ``generated_sentences``
+    training sentences and a tenth of that each for validation and test) or ``pydoc`` (:func:`pydoc_splits`,
+    one row per topic)."""
+    if name == PYDOC:  # one row per topic, ending in one line break: the text of write_pydoc_files' files
+        return {split: [text.rstrip("\n") + "\n" for text in texts] for split, texts in pydoc_splits().items()}
+    if name != GENERATED:
+        raise ValueError(f"dataset {name!r}: expected one of the built-in corpora {DATASETS}")
+    from . import corpus
+
+    n = generated_sentences
+    return corpus.corpus_splits(n, max(n // 10, 1), max(n // 10, 1), seed=0)
 
 
 def train_tokenizer(texts, vocab_size: int):

@@ -1,4 +1,5 @@
-"""The training script's comparisons: tables, summaries, the plot, and the tables of docs/training.md.
+"""The training script's reports: each run's section of results.md, the comparisons (tables, summaries,
+the plot) and the tables of docs/training.md.
 
 Every comparison starts with the model before training (``pretrained``; ``untrained`` for a
 model trained from scratch), one row per temperature, then the trained runs.
@@ -22,7 +23,7 @@ import os
 import re
 import sys
 
-from .train_env import load_text
+from .train_env import layout_text, load_text
 
 NAN = float("nan")
 
@@ -166,6 +167,77 @@ def comparison_report(comparison: dict) -> str:
     trained = [m for m in runs if is_trained(m)]
     summary = pair_summary(*trained) if comparison["kind"] == "pair" and len(trained) == 2 else ""
     return comparison_text(runs, comparison.get("title"), summary)
+
+
+# ---- what a run writes ---------------------------------------------------------------------------
+
+def _short(metrics: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def run_section(m: dict) -> str:
+    """The section of ``results.md`` for one run's metrics (the seed's format)."""
+    a, tr, run = m["args"], m["train"], m["run"]
+    schedule = tr.get("schedule", {})
+    lines = [
+        f"## Run: {run['run_dir']}" + ("" if run.get("trained", True) else " (before training)"),
+        f"- Model: {run['model']}",
+        f"- Dataset: {run['data']}",
+        f"- Block size: {a['block_size']} | Alpha: {a['alpha']} | Temp: {a['temperature']} | TopK: {a['cos_topk']} | "
+        f"Alpha warm-up: {a['alpha_warmup']} | Backend: {a['backend']} ({run['backend']}) on {run['device']}",
+    ]
+    if run.get("trained", True) and not run.get("training_shared_with"):
+        lines.append(
+            f"- Train steps: {tr.get('global_step')} | Epochs: {a['num_train_epochs']} | LR: {a['learning_rate']} "
+            f"({schedule.get('lr_scheduler_type')}, warm-up {schedule.get('warmup_steps')} steps) | Max grad norm: "
+            f"{schedule.get('max_grad_norm')} | BS train/eval: {a['per_device_train_batch_size']}/"
+            f"{a['per_device_eval_batch_size']} | Grad accum: {a['gradient_accumulation_steps']} | "
+            f"Train time: {tr.get('train_runtime', float('nan')):.1f} s")
+    if "load" in run:
+        lines.append(f"- Machine: {layout_text(run['world']).splitlines()[0]}; {load_text(run['load'])}")
+    lines.append(f"- Eval metrics: {json.dumps(_short(m['eval']))}")
+    if m["test"]:
+        lines.append(f"- Test metrics: {json.dumps(_short(m['test']))}")
+    if "embedding_groups" in m:
+        e = m["embedding_groups"]
+        lines.append(f"- Embedding groups (cosine of interchangeable words): within={e['within']:.4f}, "
+                     f"between={e['between']:.4f}, separation={e['separation']:.4f}")
+    if run.get("training_shared_with"):
+        lines.append(f"- Training shared with {run['training_shared_with']} (alpha=0 does not depend on T); "
+                     "evaluated at this temperature")
+    return "\n".join(lines) + "\n"
+
+
+def append_results(path: str, text: str) -> None:
+    """Append ``text`` to the markdown file ``path``, which starts with a title when new."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a") as handle:
+        if new:
+            handle.write("# Experiment Results\n\nRuns of `python -m fused_cosloss.train` (fused_cosloss).\n")
+        handle.write("\n\n" + text)
+
+
+def write_comparison(output_dir: str, results_file: str, results: list[dict], kind: str, title: str,
+                     write: bool = True) -> str:
+    """Print-ready text of a comparison; with ``write`` (the main process) also ``comparison.md`` /
+    ``.json`` / ``.png`` in ``output_dir``, and the text appended to ``results_file``."""
+    comparison = {"kind": kind, "title": title, "runs": results}
+    text = comparison_report(comparison)
+    if not write:
+        return text
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "comparison.md"), "w") as handle:
+        handle.write(text)
+    with open(os.path.join(output_dir, "comparison.json"), "w") as handle:
+        json.dump(comparison, handle, indent=2, default=str)
+    png = plot_comparison(results, os.path.join(output_dir, "comparison.png")) if kind != "eval" else None
+    if png:
+        text += f"\nPlot: {png}\n"
+    append_results(results_file, text)
+    return text
 
 
 # ---- the plot -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 from conftest import backend_or_skip
 from fused_cosloss import mixed_loss
-from helpers import assert_close_rel, gradient_tolerance, make_inputs, tolerance
+from helpers import assert_agrees, gradient_tolerance, make_inputs, objective_weights, run_and_backprop, tolerance
 from spec_oracle import spec_loss
 
 SHAPES = {  # name: (N, V, H, K, extra make_inputs options)
@@ -43,44 +43,9 @@ def _cases() -> list:
     return cases
 
 
-def objective_weights(gen, reduction, n):
-    """Random weights for loss, ce and cos: scalars, or [N] vectors for reduction='none'."""
-    size = (3,) if reduction != "none" else (3, n)
-    return (torch.rand(size, generator=gen, dtype=torch.float64) + 0.5).unbind(0)
-
-
 def evaluate(fn, logits, labels, embedding, weights):
-    """Values and gradients of sum_w (w * part) for loss, ce, cos from ``fn``."""
-    logits = logits.detach().clone().requires_grad_()
-    embedding = embedding.detach().clone().requires_grad_()
-    out = fn(logits, labels, embedding)
-    loss, ce, cos = out[0], out[1], out[2]
-    objective = sum((w.to(p.dtype) * p).sum() for w, p in zip(weights, (loss, ce, cos)))
-    if objective.requires_grad:
-        objective.backward()
-    else:  # the oracle with every position ignored: a constant 0
-        logits.grad, embedding.grad = torch.zeros_like(logits), torch.zeros_like(embedding)
-    return {"loss": loss, "ce": ce, "cos": cos, "n_valid": out[3], "n_correct": out[4],
-            "cos_sim_sum": out[5], "dlogits": logits.grad, "dembedding": embedding.grad}
-
-
-def compare(actual, expected, rel, reduction, grad_rel=None):
-    for key in ("n_valid", "n_correct"):
-        assert int(actual[key]) == int(expected[key]), key
-    # a position contributes O(1) to either gradient (O(1/N_valid) under the mean), however small
-    # its contribution happens to be (softmax - onehot near 0, or cos near 1)
-    n_valid = max(1, int(expected["n_valid"]))
-    for key in ("dlogits", "dembedding"):
-        assert_close_rel(actual[key], expected[key], grad_rel or rel, key,
-                         floor=1 / n_valid if reduction == "mean" else 1)
-    # ce_n and the cosine distance are O(1) per position however close to 0 one happens to be,
-    # and their rounding error is absolute (ce: |z| times the float epsilon)
-    floor = max(1, int(expected["n_valid"])) if reduction == "sum" else 1
-    for key in ("loss", "ce", "cos"):
-        assert_close_rel(actual[key], expected[key], rel, key, floor=floor)
-    # a sum of cosines in [-1, 1] can cancel: its error is measured against the number of terms
-    error = abs(float(actual["cos_sim_sum"]) - float(expected["cos_sim_sum"]))
-    assert error <= rel * max(1, int(expected["n_valid"])), f"cos_sim_sum: error {error:.3e}"
+    """Values and gradients of sum_w (w * part) for loss, ce, cos from ``fn(logits, labels, embedding)``."""
+    return run_and_backprop(fn, dict(logits=logits, labels=labels, embedding=embedding), weights=weights)
 
 
 def package_fn(backend, **options):
@@ -112,7 +77,8 @@ def test_backend_matches_oracle(backend, dtype, shape, temperature, alpha, reduc
         expected = evaluate(oracle_fn(**options), logits, labels, embedding, weights)
     else:
         expected = evaluate(package_fn("reference", **options), logits, labels, embedding, weights)
-    compare(actual, expected, tolerance(dtype), reduction, gradient_tolerance(dtype, temperature))
+    assert_agrees(actual, expected, rel=tolerance(dtype), grad_rel=gradient_tolerance(dtype, temperature),
+                  reduction=reduction)
 
 
 @pytest.mark.parametrize("emb_dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -127,7 +93,8 @@ def test_mixed_dtypes_and_custom_ignore_index(backend, dtype, emb_dtype, gen):
     weights = objective_weights(gen, "mean", 8)
     actual = evaluate(package_fn(name, **options), logits, labels, embedding, weights)
     expected = evaluate(oracle_fn(**options), logits, labels, embedding, weights)
-    compare(actual, expected, tolerance(torch.bfloat16 if torch.bfloat16 in (dtype, emb_dtype) else dtype), "mean")
+    assert_agrees(actual, expected, rel=tolerance(torch.bfloat16 if torch.bfloat16 in (dtype, emb_dtype) else dtype),
+                  reduction="mean")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -152,4 +119,4 @@ def test_shift_matches_sliced_inputs(backend, reduction, gen):
             shifted[key] = shifted[key].reshape(-1)
     assert torch.all(shifted["dlogits"][:, -1] == 0), "the last position has no target after the shift"
     shifted["dlogits"] = shifted["dlogits"][:, :-1].reshape(-1, vocab)
-    compare(shifted, expected, tolerance(torch.float32), reduction)
+    assert_agrees(shifted, expected, rel=tolerance(torch.float32), reduction=reduction)

@@ -173,3 +173,32 @@ def test_the_sdist_holds_the_docs_and_every_linked_file(tmp_path):
                     wanted.add(str(target.relative_to(ROOT.resolve())))
     missing = sorted(wanted - shipped)
     assert not missing, f"the sdist lacks {missing} (MANIFEST.in decides what it holds)"
+
+
+PACKAGE = ROOT / "fused_cosloss"
+QUALIFIED_NAME = re.compile(r"^([a-z_]+)\.([A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def code_names(page: Path) -> list[str]:
+    """The single identifiers or file names in backticks on ``page`` (``autograd.py``, ``functional.assemble``)."""
+    return [span.strip("`").split("(")[0] for line in prose_lines(page.read_text()) for span in CODE_SPAN.findall(line)]
+
+
+@pytest.mark.parametrize("page", ["architecture.md"])
+def test_every_module_and_function_a_page_names_exists(page):
+    """docs/architecture.md names the package's files and functions: each must exist, so the page
+    cannot outlive a rename."""
+    import importlib
+
+    missing = []
+    for name in code_names(ROOT / "docs" / page):
+        if re.fullmatch(r"[a-z_/]+\.py", name):
+            if not (PACKAGE / name).is_file() and not (ROOT / name).is_file():
+                missing.append(name)
+        elif (match := QUALIFIED_NAME.match(name)) and (PACKAGE / f"{match[1]}.py").is_file():
+            module = importlib.import_module(f"fused_cosloss.{match[1]}")
+            if not hasattr(module, match[2]):
+                missing.append(name)
+        elif name.endswith("/") and not (ROOT / name).is_dir() and not (PACKAGE / name).is_dir():
+            missing.append(name)
+    assert not missing, f"docs/{page} names what the code does not have: {missing}"

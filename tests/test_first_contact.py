@@ -128,16 +128,16 @@ def test_failing_compiler_leads_with_its_error_and_keeps_the_log_for_verbose(tmp
 
 
 def test_verbose_puts_the_build_log_in_the_message(tmp_path, monkeypatch):
-    from fused_cosloss import _build_report
+    from fused_cosloss import build_report
 
     monkeypatch.setenv("FUSED_COSLOSS_VERBOSE", "1")
     error = RuntimeError("Error building extension 'x': [1/2] c++ -c a.cpp\na.cpp:1:2: error: boom\n"
                          "ninja: build stopped: subcommand failed.")
-    message = str(_build_report.diagnose(error, "c++", tmp_path / "build.log"))
+    message = str(build_report.diagnose(error, "c++", tmp_path / "build.log"))
     assert message.splitlines()[0].endswith("a.cpp:1:2: error: boom")
     assert "ninja: build stopped" in message
     monkeypatch.delenv("FUSED_COSLOSS_VERBOSE")
-    assert "ninja: build stopped" not in str(_build_report.diagnose(error, "c++", tmp_path / "build.log"))
+    assert "ninja: build stopped" not in str(build_report.diagnose(error, "c++", tmp_path / "build.log"))
 
 
 def test_ninja_is_a_dependency_of_the_default_install():
@@ -180,7 +180,7 @@ def test_import_without_numpy_adds_no_warning_of_its_own(tmp_path):
 
 
 def test_the_lazy_constant_mark_is_the_one_torch_compiler_sets():
-    from fused_cosloss._compiler_marks import assume_constant_result
+    from fused_cosloss.compiler_marks import assume_constant_result
 
     def ours():
         return 0

@@ -285,14 +285,16 @@ def test_stages_times_the_interpreters_tiles_and_every_kernel(monkeypatch):
     backend_or_skip("triton", "cpu")
     import fused_cosloss.triton_ops as ops
     from bench import stages
+    from fused_cosloss.triton_ops import tiles as launch_tiles
 
     seen = []
-    tiles = ops._tiles
-    monkeypatch.setattr(ops, "_tiles", lambda *args: (seen.append(ops._interpreted()), tiles(*args))[1])
+    tiles = launch_tiles.rows_per_step
+    monkeypatch.setattr(launch_tiles, "rows_per_step",
+                        lambda *args: (seen.append(launch_tiles.interpreter_blocks()), tiles(*args))[1])
     args = stages.parse_args(["--device", "cpu", "--tokens", "4", "--vocab", "64", "--hidden", "16", "--topk", "4",
                               "--repeats", "1", "--path", "backward", "--all-kernels"])
     rows = stages.run(args)
     assert seen and all(seen)
     kernels = {row["stage"] for row in rows if row["stage"].endswith("_kernel")}
     assert kernels == set(stages.other_kernels(ops)) and kernels >= set(stages.KERNELS)   # the backward path runs them all
-    assert ops._tiles is not tiles and ops._interpreted() is True     # restored after the run
+    assert launch_tiles.rows_per_step is not tiles and launch_tiles.interpreted() is True     # restored after the run

@@ -1,5 +1,5 @@
-"""grad_in_forward: the reduced loss's gradient computed in the forward (KernelLoss) equals the
-gradient the backward computes (KernelRows), and the reference's."""
+"""grad_in_forward: the reduced loss's gradient computed in the forward (KernelLossFunction) equals the
+gradient the backward computes (KernelRowsFunction), and the reference's."""
 from __future__ import annotations
 
 import pytest
@@ -7,15 +7,16 @@ import torch
 
 from conftest import backend_or_skip
 from fused_cosloss import MixedLoss, mixed_loss
-from helpers import assert_close_rel, gradient_tolerance, make_inputs, tolerance
+from helpers import assert_close_rel, gradient_tolerance, make_inputs, run_and_backprop, tolerance
 
 
 def _loss_and_gradients(name, logits, labels, embedding, *, grad_in_forward, upstream=1.0, **options):
-    z = logits.detach().clone().requires_grad_(True)
-    table = embedding.detach().clone().requires_grad_(True)
-    loss = mixed_loss(z, labels, table, backend=name, grad_in_forward=grad_in_forward, **options)
-    (loss * upstream).backward()
-    return loss.detach(), z.grad, table.grad, loss.grad_fn
+    """The loss, the gradients of upstream * loss (None where none arrives) and the loss's grad_fn."""
+    def fn(logits, labels, embedding):
+        return mixed_loss(logits, labels, embedding, backend=name, grad_in_forward=grad_in_forward, **options)
+    result = run_and_backprop(fn, dict(logits=logits, labels=labels, embedding=embedding), weights=(upstream,),
+                              parts=("loss",))
+    return result.loss.detach(), result.dlogits, result.dembedding, result.loss.grad_fn
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -31,7 +32,7 @@ def test_gradient_in_forward_equals_the_backward_one(backend, gen, dtype, reduct
     loss, dz, de, grad_fn = _loss_and_gradients(name, logits, labels, embedding, grad_in_forward=True, **opts)
     loss_ref, dz_ref, de_ref, _ = _loss_and_gradients(name, logits, labels, embedding, grad_in_forward=False, **opts)
     if name != "reference":
-        assert type(grad_fn).__name__ == "KernelLossBackward"
+        assert type(grad_fn).__name__ == "KernelLossFunctionBackward"
     rel = tolerance(torch.float32 if dtype == torch.float32 else torch.bfloat16)
     assert_close_rel(loss, loss_ref, rel, "loss", floor=1.0)
     # the same kernels on the same coefficients: the same gradient, to the last bit for the logits
@@ -59,11 +60,11 @@ def test_the_default_computes_in_the_forward_only_without_parts(backend, gen):
     logits, labels, embedding = make_inputs(gen, 6, 20, 4, device=device)
     z = logits.clone().requires_grad_(True)
     kernel = name != "reference"
-    assert (type(mixed_loss(z, labels, embedding, backend=name).grad_fn).__name__ == "KernelLossBackward") == kernel
+    assert (type(mixed_loss(z, labels, embedding, backend=name).grad_fn).__name__ == "KernelLossFunctionBackward") == kernel
     parts = mixed_loss(z, labels, embedding, backend=name, return_parts=True)
-    assert type(parts.loss.grad_fn).__name__ != "KernelLossBackward"
+    assert type(parts.loss.grad_fn).__name__ != "KernelLossFunctionBackward"
     rows = mixed_loss(z, labels, embedding, backend=name, reduction="none")
-    assert type(rows.grad_fn).__name__ != "KernelLossBackward"
+    assert type(rows.grad_fn).__name__ != "KernelLossFunctionBackward"
     with torch.no_grad():
         assert mixed_loss(z, labels, embedding, backend=name).grad_fn is None
 
@@ -112,10 +113,10 @@ def test_triton_in_hidden_chunks_and_pieces(gen, monkeypatch):
     """The Triton row kernel's gradient pass with the backward's chunks and pieces, a row with
     NaN and rows whose cosine weight is 0 (alpha = 1 and ignored rows)."""
     backend_or_skip("triton", "cpu")
-    import fused_cosloss.triton_ops as ops
+    from fused_cosloss.triton_ops.config import CONFIG
 
-    monkeypatch.setattr(ops, "HIDDEN_CHUNK", 16)
-    monkeypatch.setattr(ops, "PIECE_ENTRIES", 2 * 6)
+    monkeypatch.setattr(CONFIG, "hidden_chunk", 16)
+    monkeypatch.setattr(CONFIG, "piece_entries", 2 * 6)
     logits, labels, embedding = make_inputs(gen, 9, 40, 36)
     logits[4, 7] = float("nan")
     for alpha in (0.5, 1.0):

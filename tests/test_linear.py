@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from conftest import backend_or_skip
 from fused_cosloss import LinearMixedLoss, linear_mixed_loss, mixed_loss
-from helpers import assert_close_rel, tolerance
+from helpers import RELATIVE_FLOOR, assert_agrees, assert_close_rel, objective_weights, run_and_backprop, tolerance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.measure import cpu_peak_supported, peak_bytes  # noqa: E402
@@ -61,50 +61,31 @@ def make_linear_inputs(gen, n, *, dtype=torch.float32, device="cpu", tied=True, 
     return cast(hidden), cast(weight), labels.to(device), cast(embedding), cast(bias_t)
 
 
-def objective_weights(gen, reduction, n):
-    size = (3,) if reduction != "none" else (3, n)
-    return (torch.rand(size, generator=gen, dtype=torch.float64) + 0.5).unbind(0)
-
-
 def run_both(hidden, weight, labels, embedding, bias, weights, backend, **options):
-    """Values and gradients of the fused-linear loss and of mixed_loss on the explicit logits.
+    """Values and gradients (``run_and_backprop``) of the fused-linear loss and of mixed_loss on the
+    explicit logits.
 
     The objective weighs loss, ce and cos with ``weights`` for reduction="none"; for "mean" and
     "sum" (whose gradient the fused-linear mode computes in the forward, for the loss only) it
     is the weighted loss alone."""
-    parts_differentiable = options.get("reduction", "mean") == "none"
-    results = []
-    for fused in (True, False):
-        leaves = [t.detach().clone().requires_grad_() if t is not None else None
-                  for t in (hidden, weight, embedding, bias)]
-        h, w, e, b = leaves
-        if fused:
-            out = linear_mixed_loss(h, w, labels, embedding=e, bias=b, backend=backend, return_parts=True, **options)
-        else:
-            logits = F.linear(h, w, b)
-            explicit_options = {key: value for key, value in options.items() if key != "chunk_size"}
-            out = mixed_loss(logits, labels, w if e is None else e, backend="reference", return_parts=True,
-                             **explicit_options)
-        parts = (out.loss, out.ce, out.cos) if parts_differentiable else (out.loss,)
-        objective = sum((c.to(p.dtype) * p).sum() for c, p in zip(weights, parts))
-        objective.backward()
-        grads = {name: t.grad for name, t in zip(("hidden", "weight", "embedding", "bias"), leaves) if t is not None}
-        results.append((out, grads))
-    return results
+    parts = ("loss", "ce", "cos") if options.get("reduction", "mean") == "none" else ("loss",)
+    explicit_options = {key: value for key, value in options.items() if key != "chunk_size"}
+
+    def fused(hidden, weight, embedding, bias):
+        return linear_mixed_loss(hidden, weight, labels, embedding=embedding, bias=bias, backend=backend,
+                                 return_parts=True, **options)
+
+    def explicit(hidden, weight, embedding, bias):
+        return mixed_loss(F.linear(hidden, weight, bias), labels, weight if embedding is None else embedding,
+                          backend="reference", return_parts=True, **explicit_options)
+
+    inputs = dict(hidden=hidden, weight=weight, embedding=embedding, bias=bias)
+    return [run_and_backprop(fn, inputs, weights=weights[:len(parts)], parts=parts) for fn in (fused, explicit)]
 
 
 def assert_agree(fused, explicit, rel, reduction):
-    (out, grads), (out_ref, grads_ref) = fused, explicit
-    assert int(out.n_valid) == int(out_ref.n_valid)
-    assert int(out.n_correct) == int(out_ref.n_correct)
-    floor = max(1, int(out_ref.n_valid)) if reduction == "sum" else 1
-    for name in ("loss", "ce", "cos"):
-        assert_close_rel(getattr(out, name), getattr(out_ref, name), rel, name, floor=floor)
-    assert_close_rel(out.cos_sim_sum, out_ref.cos_sim_sum, rel, "cos_sim_sum", floor=max(1, int(out_ref.n_valid)))
-    assert grads.keys() == grads_ref.keys()
-    for name in grads:
-        assert grads[name].dtype == grads_ref[name].dtype, name
-        assert_close_rel(grads[name], grads_ref[name], rel, f"d{name}")
+    """Counts, values, cos_sim_sum and every gradient (same inputs, same dtypes, each relative to its largest entry)."""
+    assert_agrees(fused, explicit, rel=rel, reduction=reduction, floors={"grad": RELATIVE_FLOOR})
 
 
 @pytest.mark.parametrize("n, chunk_size, tied, bias, reduction", CASES)
@@ -125,7 +106,7 @@ def test_half_precision_matches(backend, gen, dtype):
     weights = objective_weights(gen, "mean", 19)
     fused, explicit = run_both(hidden, weight, labels, embedding, bias_t, weights, name, alpha=0.5, topk=TOPK,
                                chunk_size=6)
-    assert fused[1]["hidden"].dtype == dtype
+    assert fused["dhidden"].dtype == dtype
     # logits and gradients in the half dtype on both sides; test_linear_precision.py holds the fused
     # path's bfloat16 error to the unfused path's against float64
     assert_agree(fused, explicit, 2e-2, "mean")
@@ -199,9 +180,10 @@ def test_gradients_are_bitwise_reproducible(name, gen):
     backend_or_skip(name, "cpu")
     hidden, weight, labels, embedding, bias_t = make_linear_inputs(gen, 30, tied=False, bias=True)
     weights = objective_weights(gen, "mean", 30)
-    first = run_both(hidden, weight, labels, embedding, bias_t, weights, name, topk=TOPK, chunk_size=7)[0][1]
-    second = run_both(hidden, weight, labels, embedding, bias_t, weights, name, topk=TOPK, chunk_size=7)[0][1]
-    for key in first:
+    first = run_both(hidden, weight, labels, embedding, bias_t, weights, name, topk=TOPK, chunk_size=7)[0]
+    second = run_both(hidden, weight, labels, embedding, bias_t, weights, name, topk=TOPK, chunk_size=7)[0]
+    assert first.keys() == second.keys() and {"dhidden", "dweight", "dembedding", "dbias"} <= first.keys()
+    for key in first:  # the values and counts as well as the gradients
         assert torch.equal(first[key], second[key]), key
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import backend_or_skip
-from fused_cosloss import _linear_function as linear_function, linear_mixed_loss, mixed_loss
+from fused_cosloss import linear_autograd as linear_function, linear_mixed_loss, mixed_loss
 
 FACTOR = 4.0
 FLOOR = 2.0**-11  # of the gradient's largest entry: at most an eighth of a bfloat16 ulp there
@@ -151,9 +151,9 @@ def test_triton_dense_path_embedding_gradient_is_rounded_once(gen, monkeypatch, 
     """The Triton backend's dense path (K above its sparse limit) adds each chunk's embedding
     gradient to the float32 accumulator unrounded, as the sparse path does."""
     backend_or_skip("triton", "cpu", torch.bfloat16)
-    import fused_cosloss.triton_ops as ops
+    from fused_cosloss.triton_ops.config import CONFIG
 
-    monkeypatch.setattr(ops, "SPARSE_MAX_K", 4)
+    monkeypatch.setattr(CONFIG, "sparse_max_k", 4)
     hidden, weight, labels, embedding, bias = draw(gen, 24, 64, 32, 16, tied=False)
     options = dict(OPTIONS, topk=None)
     e = embedding.bfloat16().requires_grad_()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from conftest import backend_or_skip
 from fused_cosloss import mixed_loss
+from helpers import run_and_backprop
 
 FACTOR = 4.0
 FLOOR_ULPS = 8.0
@@ -59,11 +60,10 @@ def _inputs(gen, vocab, scale, dtype):
 
 
 def _value_and_grads(fn, logits, labels, embedding):
-    logits = logits.detach().clone().requires_grad_()
-    embedding = embedding.detach().clone().requires_grad_()
-    loss = fn(logits, labels, embedding)
-    loss.backward()
-    return loss.detach().double(), logits.grad.double(), embedding.grad.double()
+    """The loss ``fn(logits, labels, embedding)`` and its gradients, in float64."""
+    result = run_and_backprop(lambda logits, labels, embedding: fn(logits, labels, embedding),
+                              dict(logits=logits, labels=labels, embedding=embedding), parts=("loss",))
+    return result.loss.detach().double(), result.dlogits.double(), result.dembedding.double()
 
 
 def _error(actual, truth):

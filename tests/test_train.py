@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fused_cosloss import corpus
 from fused_cosloss.hf import MixedLossCallback, MixedLossForTrainer, causal_lm_labels
+from fused_cosloss.options import LossOptions
 from fused_cosloss.reference import reference_rows
 
 
@@ -77,7 +78,7 @@ def test_eval_metrics_are_sums_of_the_loss_pass():
     metrics = fn.compute_metrics(None)
     z = torch.cat([lg[:, :-1].reshape(-1, 40) for lg, _ in batches]).float()
     y = torch.cat([lb[:, 1:].reshape(-1) for _, lb in batches])
-    ce, cos, correct = reference_rows(z, y, fn.embedding, 1.0, 6, -100)
+    ce, cos, correct = reference_rows(z, y, fn.embedding, LossOptions(1.0, 6, -100, True))
     valid = y != -100
     n = int(valid.sum())
     assert metrics["tokens"] == n
@@ -203,7 +204,7 @@ def test_trainer_eval_metrics_equal_full_logits(hf, tmp_path):
     y = batch["labels"][:, 1:].reshape(-1)
     valid = y != -100
     ce = F.cross_entropy(z, y, ignore_index=-100)
-    _, cos, _ = reference_rows(z, y, model.get_input_embeddings().weight, 0.7, 10, -100)
+    _, cos, _ = reference_rows(z, y, model.get_input_embeddings().weight, LossOptions(0.7, 10, -100, True))
     assert metrics["eval_tokens"] == int(valid.sum())
     assert metrics["eval_ce_loss"] == pytest.approx(ce.item(), rel=1e-5)
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(ce.item()), rel=1e-5)
@@ -283,16 +284,16 @@ def test_cli_end_to_end(hf, tmp_path):
 
 
 def test_cli_local_files_and_pretrained_path(hf, tmp_path):
-    """The --model_name/--train_file code path of a hub run, offline: a saved model, text/json/parquet files."""
+    """The --model_name_or_path/--train_file path of a hub run, offline: a saved model, text/json/parquet files."""
     import datasets
 
-    from fused_cosloss import train
+    from fused_cosloss import text_data, train
 
     splits = corpus.corpus_splits(300, 40, 40, seed=5)
     (tmp_path / "train.txt").write_text("\n".join(splits["train"]) + "\n")
     datasets.Dataset.from_dict({"body": splits["validation"]}).to_json(str(tmp_path / "val.jsonl"))
     datasets.Dataset.from_dict({"body": splits["test"]}).to_parquet(str(tmp_path / "test.parquet"))
-    tokenizer = train.train_tokenizer(splits["train"], 400)
+    tokenizer = text_data.train_tokenizer(splits["train"], 400)
     model = _tiny_model(hf, vocab=len(tokenizer))
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -300,7 +301,7 @@ def test_cli_local_files_and_pretrained_path(hf, tmp_path):
     out = tmp_path / "run"
     train.main(["--model_name", str(tmp_path / "model"), "--train_file", str(tmp_path / "train.txt"),
                 "--validation_file", str(tmp_path / "val.jsonl"), "--test_file", str(tmp_path / "test.parquet"),
-                "--text_field", "body", "--block_size", "16", "--subset_test", "10", "--alpha", "0.25",
+                "--text_field", "body", "--block_size", "16", "--max_test_samples", "10", "--alpha", "0.25",
                 "--max_steps", "3", "--output_dir", str(out), "--backend", "reference", "--disable_tqdm"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["args"]["block_size"] == 16 and metrics["args"]["learning_rate"] == 5e-5  # pretrained preset

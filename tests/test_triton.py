@@ -8,36 +8,33 @@ segments, and N * V > 2**31 (64-bit offsets).
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from conftest import backend_or_skip
 from fused_cosloss import mixed_loss
-from helpers import assert_close_rel, gradient_tolerance, make_inputs, tolerance
+from fused_cosloss.options import LossOptions
+from helpers import (UNIT_FLOORS, assert_agrees, assert_close_rel, gradient_tolerance, make_inputs, run_and_backprop,
+                     tolerance)
 
 
 def _run(backend, logits, labels, embedding, **options):
     """Loss parts and both gradients of alpha * cos + (1 - alpha) * ce + 0.3 * ce + 0.7 * cos."""
-    logits = logits.detach().clone().requires_grad_(True)
-    embedding = embedding.detach().clone().requires_grad_(True)
-    out = mixed_loss(logits, labels, embedding, backend=backend, return_parts=True, **options)
-    (out.loss + 0.3 * out.ce + 0.7 * out.cos).backward()
-    return out, logits.grad, embedding.grad
+    def fn(logits, labels, embedding):
+        return mixed_loss(logits, labels, embedding, backend=backend, return_parts=True, **options)
+    result = run_and_backprop(fn, dict(logits=logits, labels=labels, embedding=embedding), weights=(1.0, 0.3, 0.7))
+    return result, result.dlogits, result.dembedding
 
 
 def _agree(logits, labels, embedding, **options):
-    """The triton backend against the reference: loss, parts, counts and both gradients."""
-    got, dlogits, demb = _run("triton", logits, labels, embedding, **options)
-    want, dlogits_ref, demb_ref = _run("reference", logits, labels, embedding, **options)
+    """The triton backend against the reference: counts exactly, loss, parts and cos_sim_sum against
+    max(|reference|, 1), both gradients relative to their largest entry."""
     dtype = logits.dtype if logits.dtype == embedding.dtype == torch.float32 else torch.bfloat16
-    rel, grad_rel = tolerance(dtype), gradient_tolerance(dtype, options.get("temperature", 1.0))
-    for name in ("loss", "ce", "cos"):
-        assert_close_rel(getattr(got, name), getattr(want, name), rel, name, floor=1.0)
-    assert got.n_valid.item() == want.n_valid.item()
-    assert got.n_correct.item() == want.n_correct.item()
-    assert_close_rel(got.cos_sim_sum, want.cos_sim_sum, rel, "cos_sim_sum", floor=1.0)
-    assert_close_rel(dlogits, dlogits_ref, grad_rel, "dlogits")
-    assert_close_rel(demb, demb_ref, grad_rel, "dembedding")
+    got, want = (_run(name, logits, labels, embedding, **options)[0] for name in ("triton", "reference"))
+    assert_agrees(got, want, rel=tolerance(dtype), grad_rel=gradient_tolerance(dtype, options.get("temperature", 1.0)),
+                  floors=UNIT_FLOORS)
 
 
 @pytest.fixture
@@ -52,35 +49,44 @@ def ops():
     return module
 
 
+@pytest.fixture
+def tune():
+    """Sets tuning knobs of the Triton backend (``triton_ops.config.CONFIG``) for the rest of one
+    test: ``tune(sparse_max_k=4)``."""
+    from fused_cosloss.triton_ops.config import override
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **knobs: stack.enter_context(override(**knobs))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("capacity", [4, 9], ids=["every-row", "some-rows"])
-def test_candidate_overflow_falls_back_to_whole_row_select(interpret, ops, monkeypatch, gen, dtype, ties, capacity):
+def test_candidate_overflow_falls_back_to_whole_row_select(interpret, tune, gen, dtype, ties, capacity):
     """Rows with more candidates than the scratch holds (always when it holds fewer than k)
     take the whole-row radix select; the others in the same block keep theirs."""
-    monkeypatch.setattr(ops, "CANDIDATE_CAPACITY", capacity)
+    tune(candidate_capacity=capacity)
     logits, labels, embedding = make_inputs(gen, 9, 70, 6, dtype=dtype, ties=ties)
     _agree(logits, labels, embedding, topk=7, temperature=0.7)
 
 
-def test_candidate_overflow_with_masked_vocabulary(interpret, ops, monkeypatch, gen):
-    monkeypatch.setattr(ops, "CANDIDATE_CAPACITY", 16)
+def test_candidate_overflow_with_masked_vocabulary(interpret, tune, gen):
+    tune(candidate_capacity=16)
     logits, labels, embedding = make_inputs(gen, 8, 90, 5, neg_inf_frac=0.9)
     _agree(logits, labels, embedding, topk=12)
 
 
 @pytest.mark.parametrize("topk", [9, None])
 @pytest.mark.parametrize("ties", [False, True])
-def test_dense_path_for_large_k(interpret, ops, monkeypatch, gen, topk, ties):
-    """k above SPARSE_MAX_K: S by threshold, the cosine term through matrix products."""
-    monkeypatch.setattr(ops, "SPARSE_MAX_K", 4)
-    monkeypatch.setattr(ops, "DENSE_BLOCK_ELEMENTS", 64)  # several blocks of rows
+def test_dense_path_for_large_k(interpret, tune, gen, topk, ties):
+    """k above CONFIG.sparse_max_k: S by threshold, the cosine term through matrix products."""
+    tune(sparse_max_k=4, dense_block_elements=64)  # several blocks of rows
     logits, labels, embedding = make_inputs(gen, 7, 31, 5, ties=ties)
     _agree(logits, labels, embedding, topk=topk, temperature=1.5)
 
 
-def test_dense_path_bfloat16_and_nan_row(interpret, ops, monkeypatch, gen):
-    monkeypatch.setattr(ops, "SPARSE_MAX_K", 4)
+def test_dense_path_bfloat16_and_nan_row(interpret, tune, gen):
+    tune(sparse_max_k=4)
     logits, labels, embedding = make_inputs(gen, 6, 29, 4, dtype=torch.bfloat16, ignore_frac=0.0)
     logits[2, 5] = float("nan")
     out, dlogits, _ = _run("triton", logits, labels, embedding, topk=10)
@@ -105,12 +111,11 @@ def test_dense_path_ignored_row_with_huge_embedding_adds_nothing(interpret, gen)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ties", [False, True])
-def test_rows_longer_than_a_block_of_lanes(interpret, ops, monkeypatch, gen, dtype, ties):
+def test_rows_longer_than_a_block_of_lanes(interpret, tune, gen, dtype, ties):
     """Rows of several blocks of lanes, as V = 50257 is on a GPU (the interpreter tests' rows
     otherwise fit one block): the lane bound from per-lane maxima over many blocks, the
     candidates collected across blocks, and a backward that walks the row in blocks."""
-    monkeypatch.setattr(ops, "SPARSE_ROW_LANES", 16)
-    monkeypatch.setattr(ops, "_row_block", lambda vocab: 32)
+    tune(sparse_row_lanes=16, row_lanes=32)
     logits, labels, embedding = make_inputs(gen, 7, 200, 5, dtype=dtype, ties=ties)
     _agree(logits, labels, embedding, topk=9, temperature=0.7)
     # cross-entropy alone (the row kernel's CE-only mode, no parts): loss and logits gradient
@@ -144,21 +149,19 @@ def test_signed_zeros_tie(interpret, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ties", [False, True])
-def test_backward_in_hidden_chunks_and_row_pieces(interpret, ops, monkeypatch, gen, dtype, ties):
+def test_backward_in_hidden_chunks_and_row_pieces(interpret, tune, gen, dtype, ties):
     """The backward as at the benchmark shape: H in several chunks (the last one partial: s
     summed across chunks, the logits gradient on S written by the last), and S's entries
     grouped in several pieces of rows (the last one partial)."""
-    monkeypatch.setattr(ops, "HIDDEN_CHUNK", 16)
-    monkeypatch.setattr(ops, "PIECE_ENTRIES", 3 * 7)  # 3 rows per piece at k = 7
+    tune(hidden_chunk=16, piece_entries=3 * 7)  # 3 rows per piece at k = 7
     logits, labels, embedding = make_inputs(gen, 11, 50, 40, dtype=dtype, ties=ties)
     _agree(logits, labels, embedding, topk=7, temperature=0.7)
 
 
-def test_hidden_chunks_in_place_and_zero_cosine_weights(interpret, ops, monkeypatch, gen):
+def test_hidden_chunks_in_place_and_zero_cosine_weights(interpret, tune, gen):
     """Several chunks with the gradient written over the logits, rows whose cosine weight is 0
     (their S written by the dense loop) and a row with NaN (written whole, NaN)."""
-    monkeypatch.setattr(ops, "HIDDEN_CHUNK", 16)
-    monkeypatch.setattr(ops, "PIECE_ENTRIES", 2 * 6)
+    tune(hidden_chunk=16, piece_entries=2 * 6)
     logits, labels, embedding = make_inputs(gen, 9, 40, 36, ignore_frac=0.0)
     weights = torch.rand(9, generator=gen)
     weights[[1, 4]] = 0.0
@@ -200,23 +203,22 @@ def test_vocabulary_above_65536_with_int32_indices(interpret, gen):
 
 
 @pytest.mark.parametrize("vocab", [13, 40000], ids=["small", "int16-wraps"])
-def test_grouped_entries_are_sorted_by_vocabulary_row_then_row(ops, gen, vocab):
+def test_grouped_entries_are_sorted_by_vocabulary_row_then_row(tune, gen, vocab):
     """The host-side grouping of S's entries: each piece's segment of v lists the positions
     n * k + j with S_n[j] = v for the piece's rows whose S holds v, in row order; rows left
     out appear nowhere. S's indices are int16 up to V = 65536, read unsigned."""
+    from fused_cosloss.triton_ops.grouping import grouped_entries
+    from fused_cosloss.triton_ops.layout import index_dtype
+
     n, k = 10, 4
     choices = torch.tensor([0, 1, 5, 12, vocab - 1, vocab // 2 + 3, vocab // 3])
     s_idx = torch.stack([choices[torch.randperm(len(choices), generator=gen)[:k]] for _ in range(n)])
-    s_idx = s_idx.to(ops._index_dtype(vocab))
+    s_idx = s_idx.to(index_dtype(vocab))
     assert s_idx.dtype == torch.int16 and (vocab < 32768 or (s_idx < 0).any())
     flat = s_idx.to(torch.int64).reshape(-1) % 65536
     used = torch.rand(n, generator=gen) < 0.7
-    old = ops.PIECE_ENTRIES
-    try:
-        ops.PIECE_ENTRIES = 3 * k
-        entries, offsets, pieces, piece_len = ops._grouped_entries(s_idx, used, vocab)
-    finally:
-        ops.PIECE_ENTRIES = old
+    tune(piece_entries=3 * k)
+    entries, offsets, pieces, piece_len = grouped_entries(s_idx, used, vocab)
     assert pieces == 4 and piece_len == 3 * k and offsets.shape == (4, vocab + 1)
     for piece in range(pieces):
         rows = range(3 * piece, min(n, 3 * piece + 3))
@@ -228,14 +230,14 @@ def test_grouped_entries_are_sorted_by_vocabulary_row_then_row(ops, gen, vocab):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_tiles_under_the_interpreter(interpret, ops, monkeypatch, gen, dtype):
+def test_gpu_tiles_under_the_interpreter(interpret, tune, gen, dtype):
     """The GPU's launch configuration (one row per program step, one vocabulary row per
     program, 8-wide K blocks), which the other interpreter tests do not take, on a shape with
     several K blocks, H chunks and pieces, both paths of the gradient."""
-    monkeypatch.setattr(ops, "INTERPRETER_TILES", False)
-    monkeypatch.setattr(ops, "HIDDEN_CHUNK", 16)
-    monkeypatch.setattr(ops, "PIECE_ENTRIES", 2 * 20)
-    assert ops._tiles(5, 20, 40)["BR"] == 1 and ops._vocab_tiles(16)["VB"] == 1
+    from fused_cosloss.triton_ops import tiles
+
+    tune(interpreter_tiles=False, hidden_chunk=16, piece_entries=2 * 20)
+    assert tiles.gather_tiles(5, 20, 40)["BR"] == 1 and tiles.vocab_tiles(16)["VB"] == 1
     logits, labels, embedding = make_inputs(gen, 5, 70, 40, dtype=dtype, ties=dtype == torch.bfloat16)
     _agree(logits, labels, embedding, topk=20, temperature=0.7)
     z = logits.clone().requires_grad_(True)
@@ -256,15 +258,15 @@ def test_embedding_gradient_is_bitwise_deterministic(interpret, gen):
 @pytest.mark.parametrize("n", [0, 5])
 @pytest.mark.parametrize("with_cos,k", [(False, 3), (True, 3), (True, 30)], ids=["ce", "sparse", "dense"])
 @pytest.mark.parametrize("vocab", [20, 70000], ids=["int16-indices", "int32-indices"])
-def test_fake_forward_matches_the_real_one(interpret, ops, monkeypatch, n, with_cos, k, vocab):
+def test_fake_forward_matches_the_real_one(interpret, ops, tune, n, with_cos, k, vocab):
     """The custom op's fake kernel gives the saved state's real shapes and dtypes (torch.compile
     relies on it), n = 0 included."""
-    monkeypatch.setattr(ops, "SPARSE_MAX_K", 8)
+    tune(sparse_max_k=8)
     logits = torch.randn(n, vocab, dtype=torch.bfloat16)
     labels = torch.randint(0, vocab, (n,))
     embedding = torch.randn(vocab, 4)
-    real = ops.forward_rows(logits, labels, embedding, 1.0, k, -100, with_cos)
-    fake = ops.fake_forward_rows(logits, labels, embedding, 1.0, k, -100, with_cos)
+    real = ops.forward_rows(logits, labels, embedding, LossOptions(1.0, k, -100, with_cos))
+    fake = ops.fake_forward_rows(logits, labels, embedding, LossOptions(1.0, k, -100, with_cos))
     flat_real = [*real[:3], *real[3]]
     flat_fake = [*fake[:3], *fake[3]]
     assert [(t.shape, t.dtype) for t in flat_real] == [(t.shape, t.dtype) for t in flat_fake]
@@ -275,6 +277,28 @@ def test_unavailable_reason_names_the_problem(ops):
     assert reason is not None and "float64" in reason
     reason = ops.unavailable_reason(torch.empty(1, 1), torch.empty(1, 1, dtype=torch.int32))
     assert reason is not None and "embedding" in reason
+
+
+def test_config_override_sets_restores_and_names_unknown_knobs(interpret, ops):
+    """override() changes CONFIG for its block only (an error inside included), the backend reads
+    the change at its next call, and a misspelt knob is an error rather than ignored."""
+    from fused_cosloss.triton_ops.config import CONFIG, override
+
+    logits, labels, embedding = torch.randn(3, 12), torch.tensor([1, 2, 3]), torch.randn(12, 5)
+    options = LossOptions(1.0, 6, -100, True)
+    default = CONFIG.sparse_max_k
+    with override(sparse_max_k=5, piece_entries=7) as config:
+        assert config is CONFIG and (CONFIG.sparse_max_k, CONFIG.piece_entries) == (5, 7)
+        assert ops.forward_rows(logits, labels, embedding, options).saved.mu.shape == (3, 5)  # dense: k > 5
+    assert CONFIG.sparse_max_k == default and CONFIG.piece_entries == 1 << 18
+    assert ops.forward_rows(logits, labels, embedding, options).saved.mu.shape == (0, 5)  # sparse again
+    with pytest.raises(ZeroDivisionError):
+        with override(sparse_max_k=5):
+            1 / 0
+    assert CONFIG.sparse_max_k == default
+    with pytest.raises(TypeError, match="sparse_max_kk"):
+        with override(sparse_max_kk=5):
+            pass
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def _has_cuda_backend() -> bool:
 
 
 def _source(kernel, types: dict, constexprs: dict):
-    """An ASTSource with pointers 16-byte aligned, as the JIT specialises torch allocations."""
+    """An ASTSource with pointers 16-byte aligned, as the JIT specialises torch allocations. A
+    pointer the launcher passes as None is a constexpr None in ``constexprs``, as the JIT makes it."""
     from triton.compiler import ASTSource
 
     fn = kernel
@@ -67,10 +68,16 @@ def _resource_usage(compiled) -> dict:
 
 
 def _bench_tiles():
-    import fused_cosloss.triton_ops as ops
+    from fused_cosloss.triton_ops import tiles
 
-    assert not ops._interpreted()
-    return ops._tiles(8192, TOPK, HIDDEN)
+    assert not tiles.interpreted()
+    return tiles.gather_tiles(8192, TOPK, HIDDEN)
+
+
+def _config():
+    from fused_cosloss.triton_ops.config import CONFIG
+
+    return CONFIG
 
 
 ROW_TYPES = dict(
@@ -82,18 +89,24 @@ ROW_TYPES = dict(
 
 
 def _row_stats(mode: int, logits: str = "bf16", grad: bool = False):
-    import fused_cosloss.triton_ops as ops
-    from fused_cosloss.triton_ops import forward
+    from fused_cosloss.triton_ops import forward, tiles
 
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[logits]
-    key16, npass = ops._key_constants(dtype)
-    capacity = ops._capacity(TOPK)
+    key16, npass = tiles.key_constants(dtype)
+    capacity = tiles.candidate_capacity(TOPK)
     types = dict(ROW_TYPES, logits_ptr=f"*{logits}", s_val_ptr=f"*{logits}", dlogits_ptr=f"*{logits}")
-    constexprs = dict(MODE=mode, KEY16=key16, NPASS=npass, GRAD=grad, BR=1, BV=ops.row_kernel_lanes(VOCAB, TOPK, mode),
-                      BC=ops._scratch_block(capacity), BG=ops._row_block(VOCAB))
-    options = ops.row_kernel_options(dtype, mode)
+    constexprs = dict(MODE=mode, KEY16=key16, NPASS=npass, GRAD=grad, BR=1,
+                      BV=tiles.row_kernel_lanes(VOCAB, TOPK, mode), BC=tiles.scratch_block(capacity),
+                      BG=tiles.row_block(VOCAB))
+    # the pointers launch_row_stats passes as None: S and its scratch outside the sparse mode,
+    # the gradient's without it
+    if mode != forward.SPARSE:
+        constexprs.update(s_idx_ptr=None, s_val_ptr=None, scratch_idx_ptr=None, scratch_val_ptr=None)
+    if not grad:
+        constexprs.update(grad_ce_ptr=None, grad_cos_ptr=None, dlogits_ptr=None)
+    options = tiles.row_kernel_options(dtype, mode)
     return _source(forward.row_stats_kernel, types, constexprs), options
 
 
@@ -103,18 +116,18 @@ def _cosine():
     tiles = _bench_tiles()
     types = dict(emb_ptr="*bf16", labels_ptr="*i64", stats_ptr="*fp32", s_idx_ptr="*i16", s_val_ptr="*bf16",
                  cstats_ptr="*fp32", N="i32", K="i32", H="i32", ignore_index="i32", temperature="fp32")
-    return _source(forward.cosine_kernel, types, dict(BR=1, BK=tiles["BK"], BH=tiles["BH"])), tiles["NW_COS"]
+    return _source(forward.cosine_kernel, types, dict(BR=1, BK=tiles["BK"], BH=tiles["BH"])), _config().cosine_warps
 
 
 def _bench_chunk() -> int:
-    import fused_cosloss.triton_ops as ops
+    from fused_cosloss.triton_ops import tiles
 
-    return ops.hidden_chunk(VOCAB, HIDDEN, 2)
+    return tiles.hidden_chunk(VOCAB, HIDDEN, 2)
 
 
 def _direction_chunk():
-    import fused_cosloss.triton_ops as ops
     from fused_cosloss.triton_ops import backward
+    from fused_cosloss.triton_ops.tiles import next_pow2
 
     tiles = _bench_tiles()
     types = dict(emb_ptr="*bf16", labels_ptr="*i64", s_idx_ptr="*i16", s_val_ptr="*bf16", stats_ptr="*fp32",
@@ -122,47 +135,59 @@ def _direction_chunk():
                  t_ptr="*fp32", N="i32", K="i32", H="i32", h0="i32", C="i32", ignore_index="i32",
                  temperature="fp32")
     constexprs = dict(WRITE_T=True, BR=1, BK=tiles["BK"],
-                      BH=min(tiles["BH"], ops._next_pow2(_bench_chunk())))
-    return _source(backward.direction_chunk_kernel, types, constexprs), tiles["NW_COS"]
+                      BH=min(tiles["BH"], next_pow2(_bench_chunk())))
+    return _source(backward.direction_chunk_kernel, types, constexprs), _config().cosine_warps
 
 
 def _backward(with_cos: bool):
-    import fused_cosloss.triton_ops as ops
-    from fused_cosloss.triton_ops import backward
-
-    tiles = _bench_tiles()
+    from fused_cosloss.triton_ops import backward, tiles
     types = dict(logits_ptr="*bf16", stride_row="i32", labels_ptr="*i64", grad_ce_ptr="*fp32", grad_cos_ptr="*fp32",
                  stats_ptr="*fp32", tie_ptr="*i32", dlogits_ptr="*bf16", out_stride="i32", N="i32", V="i32",
                  ignore_index="i32")
-    constexprs = dict(WITH_COS=with_cos, BR=1, BV=ops._row_block(VOCAB))
-    return _source(backward.backward_rows_kernel, types, constexprs), tiles["NW_BWD"]
+    constexprs = dict(WITH_COS=with_cos, BR=1, BV=tiles.row_block(VOCAB))
+    return _source(backward.backward_rows_kernel, types, constexprs), _config().backward_warps
 
 
 def _embedding_grad(chunk: int | None = None, first: bool = False):
-    import fused_cosloss.triton_ops as ops
     from fused_cosloss.triton_ops import embedding_grad
+    from fused_cosloss.triton_ops.tiles import vocab_tiles
 
-    tiles = ops._vocab_tiles(chunk or _bench_chunk())
-    types = dict(demb_ptr="*bf16", base_ptr="*fp32", emb_ptr="*bf16", s_val_ptr="*bf16", entries_ptr="*i32",
+    tiles = vocab_tiles(chunk or _bench_chunk())
+    types = dict(demb_ptr="*bf16", emb_ptr="*bf16", s_val_ptr="*bf16", entries_ptr="*i32",
                  offsets_ptr="*i32", s_ptr="*fp32", PIECES="i32", PIECE_LEN="i32", K="i32", t_rows_ptr="*i64",
                  t_offsets_ptr="*i64", g_ptr="*fp32", t_ptr="*fp32", chunk_stride="i32", stats_ptr="*fp32",
                  grad_cos_ptr="*fp32", V="i32", H="i32", h0="i32", C="i32", temperature="fp32")
-    constexprs = dict(FIRST=first, WRITE_S=True, WRITE_DE=True, HAS_BASE=False, VB=tiles["VB"],
+    # the sparse path's launch without embedding_grad_out: no base (None)
+    constexprs = dict(base_ptr=None, FIRST=first, WRITE_S=True, WRITE_DE=True, HAS_BASE=False, VB=tiles["VB"],
+                      BE=tiles["BE"], BC=tiles["BC"])
+    return _source(embedding_grad.embedding_grad_kernel, types, constexprs), dict(num_warps=tiles["NW"],
+                                                                                   maxnreg=tiles["MAXNREG"])
+
+
+def _embedding_grad_targets_only():
+    """The dense path's launch (dense.add_target_terms): the target entries alone, no entries of S
+    (their pointers None), added to a float32 base."""
+    from fused_cosloss.triton_ops import embedding_grad
+    from fused_cosloss.triton_ops.tiles import vocab_tiles
+
+    tiles = vocab_tiles(512)
+    types = dict(demb_ptr="*bf16", base_ptr="*fp32", emb_ptr="*bf16", PIECES="i32", PIECE_LEN="i32", K="i32",
+                 t_rows_ptr="*i64", t_offsets_ptr="*i64", t_ptr="*fp32", chunk_stride="i32", V="i32", H="i32",
+                 h0="i32", C="i32", temperature="fp32")
+    constexprs = dict(s_val_ptr=None, entries_ptr=None, offsets_ptr=None, s_ptr=None, g_ptr=None, stats_ptr=None,
+                      grad_cos_ptr=None, FIRST=True, WRITE_S=False, WRITE_DE=True, HAS_BASE=True, VB=tiles["VB"],
                       BE=tiles["BE"], BC=tiles["BC"])
     return _source(embedding_grad.embedding_grad_kernel, types, constexprs), dict(num_warps=tiles["NW"],
                                                                                    maxnreg=tiles["MAXNREG"])
 
 
 def _selected_grad():
-    import fused_cosloss.triton_ops as ops
-    from fused_cosloss.triton_ops import backward
-
-    tiles = _bench_tiles()
+    from fused_cosloss.triton_ops import backward, tiles
     types = dict(labels_ptr="*i64", s_idx_ptr="*i16", s_val_ptr="*bf16", s_dot_ptr="*fp32", stats_ptr="*fp32",
                  grad_ce_ptr="*fp32", grad_cos_ptr="*fp32", dlogits_ptr="*bf16", out_stride="i32", N="i32",
                  K="i32", ignore_index="i32", temperature="fp32")
-    constexprs = dict(BR=1, BK=ops._selected_block(TOPK))
-    return _source(backward.selected_grad_kernel, types, constexprs), tiles["NW_COS"]
+    constexprs = dict(BR=1, BK=tiles.selected_block(TOPK))
+    return _source(backward.selected_grad_kernel, types, constexprs), _config().cosine_warps
 
 
 KERNELS = {
@@ -180,6 +205,7 @@ KERNELS = {
     "vocabulary_pass[first chunk]": lambda: _embedding_grad(first=True),
     "vocabulary_pass[later chunk]": _embedding_grad,
     "vocabulary_pass[C=512]": lambda: _embedding_grad(512),
+    "vocabulary_pass[targets only]": _embedding_grad_targets_only,
     "selected_grad": _selected_grad,
 }
 

@@ -21,6 +21,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from fused_cosloss.options import LossOptions
+
 N, VOCAB, HIDDEN, TOPK = 8192, 50257, 768, 256
 LOGITS_BYTES = N * VOCAB * 2
 PROGRAMS = 2 * 132  # the persistent row kernel's programs on an H100 (2 per SM)
@@ -94,11 +96,16 @@ class _NoLaunch:
 def stubbed(monkeypatch):
     pytest.importorskip("triton")
     import fused_cosloss.triton_ops as ops
+    from fused_cosloss.triton_ops import backward, embedding_grad, forward, tiles
+    from fused_cosloss.triton_ops.config import CONFIG
 
-    for name in ("row_stats_kernel", "cosine_kernel", "backward_rows_kernel", "direction_chunk_kernel",
-                 "embedding_grad_kernel", "selected_grad_kernel"):
-        monkeypatch.setattr(ops, name, _NoLaunch())
-    monkeypatch.setattr(ops, "_num_programs", lambda blocks, device: min(blocks, PROGRAMS))
+    for module, names in ((forward, ("row_stats_kernel", "cosine_kernel")),
+                          (backward, ("backward_rows_kernel", "direction_chunk_kernel", "selected_grad_kernel")),
+                          (embedding_grad, ("embedding_grad_kernel",))):
+        for name in names:
+            monkeypatch.setattr(module, name, _NoLaunch())
+    monkeypatch.setattr(CONFIG, "interpreter_tiles", False)  # the GPU's tiles: one row per program step
+    monkeypatch.setattr(tiles, "num_programs", lambda blocks, device: min(blocks, PROGRAMS))
     return ops
 
 
@@ -130,13 +137,14 @@ def test_extra_memory_at_the_benchmark_shape_is_under_5_percent(stubbed, bench_i
 
     forward_mode = LiveBytes()
     with forward_mode:
-        _, _, _, saved = ops.forward_rows(logits, labels, embedding, 1.0, TOPK, -100, True)
+        _, _, _, saved = ops.forward_rows(logits, labels, embedding, LossOptions(1.0, TOPK, -100, True))
     saved_bytes = sum(t.untyped_storage().nbytes() for t in saved)
 
     backward_mode = LiveBytes()
     with backward_mode:
-        dlogits, demb = ops.backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, 1.0, TOPK, -100,
-                                          True, True, True, inplace=inplace)
+        dlogits, demb = ops.backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos,
+                                          LossOptions(1.0, TOPK, -100, True), need_logits_grad=True,
+                                          need_embedding_grad=True, inplace=inplace)
     gradients = _gradient_bytes(dlogits, demb, logits, inplace)
     backward_extra = saved_bytes + backward_mode.peak - gradients
     # the forward's temporaries (the values of S, the selection's scratch) are gone with it
@@ -158,8 +166,9 @@ def test_extra_memory_with_the_gradient_in_the_forward(stubbed, bench_inputs, in
     logits, embedding, labels, grad_ce, grad_cos = bench_inputs
     mode = LiveBytes()
     with mode:
-        outputs = ops.forward_backward_rows(logits, labels, embedding, 1.0, TOPK, -100, True, grad_ce, grad_cos,
-                                            True, True, inplace=inplace)
+        outputs = ops.forward_backward_rows(logits, labels, embedding, grad_ce, grad_cos,
+                                            LossOptions(1.0, TOPK, -100, True), need_logits_grad=True,
+                                            need_embedding_grad=True, inplace=inplace)
     dlogits, demb = outputs[3], outputs[4]
     extra = mode.peak - _gradient_bytes(dlogits, demb, logits, inplace)
     print(f"\ngradient in the forward: peak {extra / 1e6:.1f} MB ({extra / LOGITS_BYTES:.2%} of the logits)")

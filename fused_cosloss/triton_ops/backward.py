@@ -32,13 +32,22 @@ float32 each) for the vocabulary pass, which sums s_v over the chunks.
 
 ``selected_grad_kernel`` then takes S's [N, K] saved values and the s_v the vocabulary pass
 summed, forms s_bar per row and writes the logits gradient of S's entries.
+
+Each kernel's launcher is below the kernels; ``cosine_backward`` runs the cosine term's
+share of the sparse path's backward: the grouping (grouping.py), per chunk of H the
+direction chunk and the vocabulary pass, then the selected gradient.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from . import grouping, tiles
+from .config import CONFIG
+from .embedding_grad import launch_vocabulary_pass
 from .gather import expected_embedding, load_index, selection_weight
+from .layout import COS_NORM_E, COS_NORM_MU, COS_VALUE, STAT_LOG_SUM, STAT_MAX, STAT_S_SUM, STAT_THRESHOLD, column
 
 EPS = tl.constexpr(1e-12)
 
@@ -46,9 +55,9 @@ EPS = tl.constexpr(1e-12)
 @triton.jit
 def _direction_coefficients(cstats_ptr, rows64, valid):
     """Per row: a, b and d (see the module docstring) from the saved cos, |mu| and |e|."""
-    cos = tl.load(cstats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
-    norm_mu = tl.load(cstats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
-    norm_e = tl.load(cstats_ptr + rows64 * 4 + 2, mask=valid, other=0.0)
+    cos = tl.load(column(cstats_ptr, rows64, COS_VALUE), mask=valid, other=0.0)
+    norm_mu = tl.load(column(cstats_ptr, rows64, COS_NORM_MU), mask=valid, other=0.0)
+    norm_e = tl.load(column(cstats_ptr, rows64, COS_NORM_E), mask=valid, other=0.0)
     nm_c = tl.maximum(norm_mu, EPS)
     ne_c = tl.maximum(norm_e, EPS)
     a = 1.0 / (nm_c * ne_c)
@@ -74,8 +83,8 @@ def direction_chunk_kernel(
     a, b, d = _direction_coefficients(cstats_ptr, rows64, valid)
     used = valid & (g_cos != 0.0)
     if tl.max(used.to(tl.int32), 0) > 0:
-        z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=used, other=0.0)
-        z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=used, other=1.0)
+        z_max = tl.load(column(stats_ptr, rows64, STAT_MAX), mask=used, other=0.0)
+        z_sum = tl.load(column(stats_ptr, rows64, STAT_S_SUM), mask=used, other=1.0)
         e_rows = emb_ptr + tl.where(used, y, 0) * H
         for c0 in range(0, C, BH):
             j = c0 + tl.arange(0, BH)
@@ -129,14 +138,14 @@ def backward_rows_kernel(
     y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
     valid = row_in & (y != ignore_index)
     g_ce = tl.load(grad_ce_ptr + rows64, mask=valid, other=0.0)  # ignored rows: zero gradient
-    log_sum = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
-    z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
+    log_sum = tl.load(column(stats_ptr, rows64, STAT_LOG_SUM), mask=valid, other=0.0)
+    z_max = tl.load(column(stats_ptr, rows64, STAT_MAX), mask=valid, other=0.0)
     t_val = tl.zeros([BR], tl.float32)
     tie_cut = tl.zeros([BR], tl.int32) - 1
     exclude = tl.zeros([BR], tl.int1)
     if WITH_COS:
         exclude = cosine_rows(grad_cos_ptr, rows64, valid, log_sum)
-        t_val = tl.load(stats_ptr + rows64 * 4 + 3, mask=exclude, other=0.0)
+        t_val = tl.load(column(stats_ptr, rows64, STAT_THRESHOLD), mask=exclude, other=0.0)
         tie_cut = tl.load(tie_ptr + rows64, mask=exclude, other=-1)
     write_outside_s(logits_ptr + rows64 * stride_row, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce,
                     z_max, log_sum, exclude, t_val, tie_cut, V, BV)
@@ -156,11 +165,11 @@ def selected_grad_kernel(
     row_in = rows64 < N
     y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
     valid = row_in & (y != ignore_index)
-    log_sum = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
+    log_sum = tl.load(column(stats_ptr, rows64, STAT_LOG_SUM), mask=valid, other=0.0)
     used = cosine_rows(grad_cos_ptr, rows64, valid, log_sum)
     if tl.max(used.to(tl.int32), 0) > 0:
-        z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=used, other=0.0)
-        z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=used, other=1.0)
+        z_max = tl.load(column(stats_ptr, rows64, STAT_MAX), mask=used, other=0.0)
+        z_sum = tl.load(column(stats_ptr, rows64, STAT_S_SUM), mask=used, other=1.0)
         g_ce = tl.load(grad_ce_ptr + rows64, mask=used, other=0.0)
         g_cos = tl.load(grad_cos_ptr + rows64, mask=used, other=0.0)
         s_bar_vec = tl.zeros([BR, BK], tl.float32)
@@ -184,3 +193,92 @@ def selected_grad_kernel(
             dz = g_ce[:, None] * (p - tl.where(v == y[:, None], 1.0, 0.0))
             dz += g_cos[:, None] / temperature * w * (s - s_bar[:, None])
             tl.store(dlogits_ptr + rows64[:, None] * out_stride + v, dz.to(dlogits_ptr.dtype.element_ty), mask=in_s)
+
+
+def launch_backward_rows(logits, labels, *, grad_ce, grad_cos, stats, tie, dlogits, ignore_index, with_cos):
+    """backward_rows_kernel over every row: the logits gradient outside S (every entry of the rows
+    the cosine term does not reach) into ``dlogits``, which may be the logits."""
+    n, vocab = logits.shape
+    rows = tiles.rows_per_step(n)
+    backward_rows_kernel[(triton.cdiv(n, rows),)](
+        # inputs
+        logits_ptr=logits, stride_row=logits.stride(0), labels_ptr=labels, grad_ce_ptr=grad_ce, grad_cos_ptr=grad_cos,
+        stats_ptr=stats, tie_ptr=tie,
+        # output
+        dlogits_ptr=dlogits, out_stride=dlogits.stride(0),
+        # shapes and options
+        N=n, V=vocab, ignore_index=ignore_index,
+        # constexprs
+        WITH_COS=with_cos, BR=rows, BV=tiles.row_block(vocab), num_warps=CONFIG.backward_warps,
+    )
+
+
+def launch_direction_chunk(embedding, labels, saved, grad_cos, *, g, t=None, h0, chunk, k, ignore_index,
+                           temperature):
+    """direction_chunk_kernel: columns [h0, h0 + chunk) of g into ``g`` and, when ``t`` is given, of
+    grad_cos * d cos / d e into ``t`` (``[N, chunk]`` float32 each)."""
+    n, hidden = labels.shape[0], embedding.shape[1]
+    tile = tiles.gather_tiles(n, k, hidden)
+    direction_chunk_kernel[(triton.cdiv(n, tile["BR"]),)](
+        # inputs
+        emb_ptr=embedding, labels_ptr=labels, s_idx_ptr=saved.s_idx, s_val_ptr=saved.s_val, stats_ptr=saved.stats,
+        cstats_ptr=saved.cstats, grad_cos_ptr=grad_cos,
+        # outputs
+        g_ptr=g, t_ptr=t,
+        # shapes and options
+        N=n, K=k, H=hidden, h0=h0, C=chunk, ignore_index=ignore_index, temperature=float(temperature),
+        # constexprs
+        WRITE_T=t is not None, BR=tile["BR"], BK=tile["BK"], BH=min(tile["BH"], tiles.next_pow2(chunk)),
+        num_warps=CONFIG.cosine_warps,
+    )
+
+
+def launch_selected_grad(labels, saved, *, s_dot, grad_ce, grad_cos, dlogits, k, ignore_index, temperature):
+    """selected_grad_kernel: the logits gradient of S's entries into ``dlogits``."""
+    n = labels.shape[0]
+    rows = tiles.rows_per_step(n)
+    selected_grad_kernel[(triton.cdiv(n, rows),)](
+        # inputs
+        labels_ptr=labels, s_idx_ptr=saved.s_idx, s_val_ptr=saved.s_val, s_dot_ptr=s_dot, stats_ptr=saved.stats,
+        grad_ce_ptr=grad_ce, grad_cos_ptr=grad_cos,
+        # output
+        dlogits_ptr=dlogits, out_stride=dlogits.stride(0),
+        # shapes and options
+        N=n, K=k, ignore_index=ignore_index, temperature=float(temperature),
+        # constexprs
+        BR=rows, BK=tiles.selected_block(k), num_warps=CONFIG.cosine_warps,
+    )
+
+
+def cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, *, k, ignore_index, temperature,
+                    dlogits=None, want_demb, embedding_grad_out=None):
+    """The cosine term's share of the sparse path's backward: dE (added to ``embedding_grad_out``
+    when given, and None returned), and the logits gradient on S when ``dlogits`` is given (whose
+    entries outside S launch_backward_rows or the forward's row kernel already wrote). Per chunk
+    of H: the directions, then the vocabulary pass; then the logits gradient on S."""
+    n, vocab = logits.shape
+    hidden = embedding.shape[1]
+    device = logits.device
+    rows_used = (labels != ignore_index) & (grad_cos != 0)
+    entries, offsets, pieces, piece_len = grouping.grouped_entries(saved.s_idx, rows_used, vocab)
+    t_rows, t_offsets = grouping.target_segments(labels, rows_used, vocab) if want_demb else (None, None)
+    chunk = tiles.hidden_chunk(vocab, hidden, logits.element_size())
+    g = torch.empty(n, chunk, device=device, dtype=torch.float32)
+    t = torch.empty(n, chunk, device=device, dtype=torch.float32) if want_demb else None
+    # s = E[v] . g of S's entries, summed over the chunks, in S's [N, k] order
+    s_dot = torch.empty(n, k, device=device, dtype=torch.float32) if dlogits is not None else None
+    demb = None
+    if want_demb:
+        demb = embedding_grad_out if embedding_grad_out is not None else torch.empty_like(embedding)
+    for index, h0 in enumerate(range(0, hidden, chunk)):
+        launch_direction_chunk(embedding, labels, saved, grad_cos, g=g, t=t, h0=h0, chunk=chunk, k=k,
+                               ignore_index=ignore_index, temperature=temperature)
+        launch_vocabulary_pass(embedding, demb=demb, base=embedding_grad_out, s_val=saved.s_val, entries=entries,
+                               offsets=offsets, pieces=pieces, piece_len=piece_len, k=k, s_dot=s_dot,
+                               t_rows=t_rows, t_offsets=t_offsets, g=g, t=t, chunk_stride=chunk, stats=saved.stats,
+                               grad_cos=grad_cos, h0=h0, chunk=chunk, temperature=temperature, first=index == 0)
+    del g, t
+    if dlogits is not None:
+        launch_selected_grad(labels, saved, s_dot=s_dot, grad_ce=grad_ce, grad_cos=grad_cos, dlogits=dlogits, k=k,
+                             ignore_index=ignore_index, temperature=temperature)
+    return None if embedding_grad_out is not None else demb

@@ -27,15 +27,28 @@ outside S, as backward_rows_kernel would, so the backward does not read the logi
 
 ``cosine_kernel``: mu = sum_S w_i E[i] in chunks of H (gather.py), e = E[y], and cos; saves
 cos, |mu|, |e| and mu . e per row, not mu itself (the backward recomputes it by chunks).
+
+Each kernel's launcher follows it (``launch_row_stats``, ``launch_cosine``); the per-row
+statistics go to the named columns of layout.py. A pointer a mode does not use is None
+(a constexpr None to triton: the code that would use it is not generated).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from . import tiles
 from .backward import cosine_rows, write_outside_s
+from .config import CONFIG
 from .gather import expected_embedding
+from .layout import (COS_DOT, COS_NORM_E, COS_NORM_MU, COS_VALUE, STAT_LOG_SUM, STAT_MAX, STAT_S_SUM, STAT_THRESHOLD,
+                     column)
 from .select import compact, radix_bound_registers, radix_kth, sort_key
+
+# The row kernel's modes (MODE): cross-entropy alone, the sparse path's selection of S, and the
+# dense path's threshold of S over the whole row (k > CONFIG.sparse_max_k).
+CE_ONLY, SPARSE, DENSE = 0, 1, 2
 
 EPS = tl.constexpr(1e-12)
 NEG_BIG = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: start of the running max, below every finite value
@@ -105,8 +118,11 @@ def row_stats_kernel(
             log_sum = tl.where(valid, log_sum, 0.0)
             z_max = tl.where(valid, tl.where(m <= NEG_BIG, float("-inf"), m), 0.0)
             if MODE != 0:
-                out_idx = s_idx_ptr + rows64 * K
-                out_val = s_val_ptr + rows64 * K
+                out_idx = None  # S is written in MODE 1 only
+                out_val = None
+                if MODE == 1:
+                    out_idx = s_idx_ptr + rows64 * K
+                    out_val = s_val_ptr + rows64 * K
                 kk = tl.zeros([BR], tl.int32) + K
                 n_row = tl.where(valid, V, 0)
                 if MODE == 1:
@@ -154,10 +170,10 @@ def row_stats_kernel(
                     tie_cut = tl.where(from_rows, tie_cut2, tie_cut)
         tl.store(ce_ptr + rows64, ce, mask=row_in)
         tl.store(correct_ptr + rows64, correct.to(tl.int8), mask=row_in)
-        tl.store(stats_ptr + rows64 * 4 + 0, log_sum, mask=row_in)
-        tl.store(stats_ptr + rows64 * 4 + 1, z_max, mask=row_in)
-        tl.store(stats_ptr + rows64 * 4 + 2, z_sum, mask=row_in)
-        tl.store(stats_ptr + rows64 * 4 + 3, t_val, mask=row_in)
+        tl.store(column(stats_ptr, rows64, STAT_LOG_SUM), log_sum, mask=row_in)
+        tl.store(column(stats_ptr, rows64, STAT_MAX), z_max, mask=row_in)
+        tl.store(column(stats_ptr, rows64, STAT_S_SUM), z_sum, mask=row_in)
+        tl.store(column(stats_ptr, rows64, STAT_THRESHOLD), t_val, mask=row_in)
         tl.store(tie_ptr + rows64, tie_cut, mask=row_in)
         if GRAD:
             # the gradient outside S, from the row again (from L2: it was just read); every other
@@ -189,9 +205,9 @@ def cosine_kernel(
     norm_e = zero
     dot = zero
     if tl.max(valid.to(tl.int32), 0) > 0:
-        log_sum = tl.load(stats_ptr + rows64 * 4 + 0, mask=valid, other=0.0)
-        z_max = tl.load(stats_ptr + rows64 * 4 + 1, mask=valid, other=0.0)
-        z_sum = tl.load(stats_ptr + rows64 * 4 + 2, mask=valid, other=1.0)
+        log_sum = tl.load(column(stats_ptr, rows64, STAT_LOG_SUM), mask=valid, other=0.0)
+        z_max = tl.load(column(stats_ptr, rows64, STAT_MAX), mask=valid, other=0.0)
+        z_sum = tl.load(column(stats_ptr, rows64, STAT_S_SUM), mask=valid, other=1.0)
         dot_vec = tl.zeros([BR, BH], tl.float32)
         mu2_vec = tl.zeros([BR, BH], tl.float32)
         e2_vec = tl.zeros([BR, BH], tl.float32)
@@ -210,7 +226,58 @@ def cosine_kernel(
         norm_e = tl.sqrt(tl.sum(e2_vec, 1))
         cos = dot / (tl.maximum(norm_mu, EPS) * tl.maximum(norm_e, EPS))
         cos = tl.where(log_sum != log_sum, float("nan"), cos)
-    tl.store(cstats_ptr + rows64 * 4 + 0, cos, mask=row_in)
-    tl.store(cstats_ptr + rows64 * 4 + 1, norm_mu, mask=row_in)
-    tl.store(cstats_ptr + rows64 * 4 + 2, norm_e, mask=row_in)
-    tl.store(cstats_ptr + rows64 * 4 + 3, dot, mask=row_in)
+    tl.store(column(cstats_ptr, rows64, COS_VALUE), cos, mask=row_in)
+    tl.store(column(cstats_ptr, rows64, COS_NORM_MU), norm_mu, mask=row_in)
+    tl.store(column(cstats_ptr, rows64, COS_NORM_E), norm_e, mask=row_in)
+    tl.store(column(cstats_ptr, rows64, COS_DOT), dot, mask=row_in)
+
+
+def launch_row_stats(logits, labels, *, ce, correct, stats, tie, s_idx=None, s_val=None, mode, k, ignore_index,
+                     temperature, gradient=None):
+    """row_stats_kernel over every row: ``ce``, ``correct``, ``stats`` and ``tie``, and S into
+    ``s_idx`` (int32) / ``s_val`` in the SPARSE mode (whose candidate scratch is allocated here).
+    With ``gradient = (grad_ce, grad_cos, dlogits)`` it also writes the logits gradient outside S
+    into ``dlogits`` (which may be the logits)."""
+    n, vocab = logits.shape
+    rows = tiles.rows_per_step(n)
+    programs = tiles.num_programs(triton.cdiv(n, rows), logits.device)
+    capacity = tiles.candidate_capacity(k)
+    scratch_idx = scratch_val = None
+    if mode == SPARSE:
+        scratch_idx = torch.empty(programs * rows * capacity, device=logits.device, dtype=torch.int32)
+        scratch_val = torch.empty(programs * rows * capacity, device=logits.device, dtype=torch.float32)
+    grad_ce, grad_cos, dlogits = gradient if gradient is not None else (None, None, None)
+    key16, npass = tiles.key_constants(logits.dtype)
+    row_stats_kernel[(programs,)](
+        # inputs
+        logits_ptr=logits, stride_row=logits.stride(0), labels_ptr=labels,
+        # outputs, and the selection's scratch
+        ce_ptr=ce, correct_ptr=correct, stats_ptr=stats, tie_ptr=tie, s_idx_ptr=s_idx, s_val_ptr=s_val,
+        scratch_idx_ptr=scratch_idx, scratch_val_ptr=scratch_val,
+        # the gradient in the forward
+        grad_ce_ptr=grad_ce, grad_cos_ptr=grad_cos, dlogits_ptr=dlogits,
+        out_stride=dlogits.stride(0) if dlogits is not None else 0,
+        # shapes and options
+        N=n, V=vocab, K=k, C=capacity, ignore_index=ignore_index, temperature=float(temperature),
+        # constexprs
+        MODE=mode, KEY16=key16, NPASS=npass, GRAD=gradient is not None,
+        BR=rows, BV=tiles.row_kernel_lanes(vocab, k, mode), BC=tiles.scratch_block(capacity),
+        BG=tiles.row_block(vocab),
+        **tiles.row_kernel_options(logits.dtype, mode),
+    )
+
+
+def launch_cosine(embedding, labels, *, stats, s_idx, s_val, cstats, k, ignore_index, temperature):
+    """cosine_kernel over every row: the COS_* columns of ``cstats`` from S and the row kernel's ``stats``."""
+    n, hidden = labels.shape[0], embedding.shape[1]
+    tile = tiles.gather_tiles(n, k, hidden)
+    cosine_kernel[(triton.cdiv(n, tile["BR"]),)](
+        # inputs
+        emb_ptr=embedding, labels_ptr=labels, stats_ptr=stats, s_idx_ptr=s_idx, s_val_ptr=s_val,
+        # output
+        cstats_ptr=cstats,
+        # shapes and options
+        N=n, K=k, H=hidden, ignore_index=ignore_index, temperature=float(temperature),
+        # constexprs
+        BR=tile["BR"], BK=tile["BK"], BH=tile["BH"], num_warps=CONFIG.cosine_warps,
+    )

@@ -18,8 +18,10 @@ traced call names it with the version of its saved state's layout (``"triton/4"`
 package, whose saved state had another layout, is not reused (inductor's cache key holds the
 op's arguments, not its fake kernel).
 
-Eager calls keep going through :class:`fused_cosloss._kernel_function.KernelRows` (no
-dispatcher overhead); these ops run the same ``forward_rows`` / ``backward_rows``.
+Eager calls keep going through :class:`fused_cosloss.autograd.KernelRowsFunction` (no
+dispatcher overhead); these ops run the same ``forward_rows`` / ``backward_rows``. The op
+schemas hold primitives, so the :class:`~fused_cosloss.options.LossOptions` fields travel
+apart here and are put together again before a backend is called.
 """
 
 from typing import List
@@ -27,7 +29,8 @@ from typing import List
 import torch
 
 from . import backends
-from ._kernel_function import kernel_layouts
+from .autograd import kernel_layouts
+from .options import LossOptions
 
 
 # Bump a backend's number whenever its forward_rows changes the saved state's arity, shapes or dtypes.
@@ -35,11 +38,7 @@ SAVED_LAYOUTS = {"native": 2, "triton": 4}
 
 
 def _ops(backend: str):
-    backend = backend.split("/")[0]
-    module, reason = backends._kernel_module(backend)
-    if module is None:
-        raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
-    return module
+    return backends.kernel_ops(backend.split("/")[0])
 
 
 @torch.library.custom_op("fused_cosloss::rows_forward", mutates_args=())
@@ -49,14 +48,14 @@ def rows_forward(
 ) -> List[torch.Tensor]:
     logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     ce, cos, correct, saved = _ops(backend).forward_rows(
-        logits, labels, embedding, temperature, k, ignore_index, with_cos)
+        logits, labels, embedding, LossOptions(temperature, k, ignore_index, with_cos))
     return [ce, cos, correct, *saved]
 
 
 @rows_forward.register_fake
 def _rows_forward_fake(backend, logits, labels, embedding, temperature, k, ignore_index, with_cos):
     ce, cos, correct, saved = _ops(backend).fake_forward_rows(
-        logits, labels, embedding, temperature, k, ignore_index, with_cos)
+        logits, labels, embedding, LossOptions(temperature, k, ignore_index, with_cos))
     return [ce, cos, correct, *saved]
 
 
@@ -69,7 +68,8 @@ def rows_backward(
     logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     dlogits, dembedding = _ops(backend).backward_rows(
         logits, labels, embedding, tuple(t.contiguous() for t in saved), grad_ce.contiguous(), grad_cos.contiguous(),
-        temperature, k, ignore_index, with_cos, need_logits_grad, need_embedding_grad)
+        LossOptions(temperature, k, ignore_index, with_cos), need_logits_grad=need_logits_grad,
+        need_embedding_grad=need_embedding_grad)
     return [
         dlogits if dlogits is not None else logits.new_empty(0),
         dembedding if dembedding is not None else embedding.new_empty(0),
@@ -116,9 +116,9 @@ def _backward(ctx, grads):
 rows_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def compiled_kernel_rows(backend: str, logits, labels, embedding, temperature, k, ignore_index, with_cos):
+def compiled_kernel_rows(backend: str, logits, labels, embedding, options: LossOptions):
     """``(ce, cos, correct)`` of kernel backend ``backend`` through the custom op (the traced path)."""
     logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     out = torch.ops.fused_cosloss.rows_forward(
-        f"{backend}/{SAVED_LAYOUTS[backend]}", logits, labels, embedding, float(temperature), int(k), int(ignore_index), bool(with_cos))
+        f"{backend}/{SAVED_LAYOUTS[backend]}", logits, labels, embedding, *options.as_schema_args())
     return out[0], out[1], out[2]

@@ -1,5 +1,5 @@
-"""The loss's per-position terms and their coefficients, shared by ``assemble`` and the
-autograd Functions that compute the gradient in the forward."""
+"""The loss assembled from its per-position terms: the mixed rows, their reduction, and the
+per-position coefficients the autograd Functions that compute the gradient in the forward use."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +28,13 @@ def reduced_loss(ce_rows, cos_rows, valid, alpha, scale):
     """The loss whose per-position coefficients ``loss_coefficients`` gave: the mixed rows summed,
     times the reduction's ``scale``."""
     return loss_rows(ce_rows, cos_rows, valid, alpha)[1].sum() * scale
+
+
+def reduce_positions(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str, shape, shift: bool) -> torch.Tensor:
+    """Reduce per-position values; ``"none"`` keeps the labels' shape (less the last position when shifted)."""
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / n_valid.clamp_min(1).to(rows.dtype)
+    per_position = rows.reshape(shape)
+    return per_position[..., :-1] if shift else per_position

@@ -11,8 +11,10 @@ import reprlib
 
 import torch
 
+from .backends import NAMES
+
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "reference", "native", "triton")
+BACKENDS = ("auto", *NAMES)
 
 
 def check_scalars(alpha, temperature, topk, reduction, backend):

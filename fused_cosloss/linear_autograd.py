@@ -1,20 +1,20 @@
 """The autograd Functions of the fused-linear mode: the mixed loss from hidden states,
 one chunk of logits at a time.
 
-``LinearMixedLoss`` (the training path: a reduced loss, gradients wanted) computes the
+``LinearMixedLossFunction`` (the training path: a reduced loss, gradients wanted) computes the
 gradients in the forward, as Liger-Kernel's fused linear cross-entropy does: the loss's
 per-position coefficients are known there ((1 - alpha) on ce_n, -alpha on cos_n, times
 1 / N_valid for the mean), so each chunk's logits gradient is written over the chunk's
-logits in place (by the Triton row kernel in the pass that reads them: ``forward_backward``),
+logits in place (by the Triton row kernel in the pass that reads them: ``forward_backward_rows``),
 turned into the hidden / weight / bias gradients at once and dropped;
 the backward only scales them by the incoming gradient. Nothing per position is kept.
 
-``LinearMixedRows`` (per-position outputs, ``reduction="none"``, or no gradient) is the
+``LinearMixedRowsFunction`` (per-position outputs, ``reduction="none"``, or no gradient) is the
 general form described below.
 
 For each chunk of rows, ``z = hidden[chunk] @ weight.T (+ bias)`` is computed into a
 buffer reused by every chunk and handed to a kernel backend (the protocol of
-``_kernel_function.py``; the reference takes part through ``_reference_ops.py``). The
+``protocol.py``; the reference takes part through ``reference_backend.py``). The
 forward keeps only what the backend saves per row, O(N * (K + H)); the backward
 recomputes each chunk's logits, asks the backend for their gradient and turns it into
 the gradients of hidden, weight and bias with three matmuls:
@@ -30,9 +30,9 @@ rounded to the input dtype once, at the end. Rounding each chunk's product first
 Liger-Kernel's fused linear cross-entropy does) adds one rounding of the input dtype per
 chunk. ``d hidden`` needs no accumulator: each row's is one matmul over the vocabulary.
 
-Higher-order gradients: ``LinearMixedRows``'s backward, run with ``create_graph=True``,
+Higher-order gradients: ``LinearMixedRowsFunction``'s backward, run with ``create_graph=True``,
 recomputes each chunk with the reference's differentiable formulation and differentiates it
-(``_differentiable_backward``). ``LinearMixedLoss`` computed its gradient in the forward and
+(``_differentiable_backward``). ``LinearMixedLossFunction`` computed its gradient in the forward and
 hands it to the first backward: a second backward or a ``create_graph=True`` one raises
 ``UnsupportedDifferentiationError`` naming ``reduction="none"``.
 
@@ -45,9 +45,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._kernel_function import forward_backward
-from ._loss_terms import loss_coefficients, reduced_loss
-from .errors import UnsupportedDifferentiationError
+from .autograd import Refusals, take_forward_gradients
+from .loss_math import loss_coefficients, reduced_loss
+from .options import LossOptions
+from .protocol import forward_backward_rows
 from .reference import reference_rows
 
 # Where a chunk's product cannot be computed with a float32 output directly, its float32
@@ -56,34 +57,52 @@ from .reference import reference_rows
 PRODUCT_BLOCK_ELEMENTS = 2**22
 
 
-class LinearMixedLoss(torch.autograd.Function):
+REFUSALS = Refusals(
+    create_graph=(
+        "linear_mixed_loss: with reduction='mean' or 'sum' the gradient is computed in the forward, so it "
+        "cannot be differentiated again (create_graph=True, e.g. a gradient penalty); use reduction='none' "
+        "and reduce the per-position losses yourself (loss.sum() / number of valid labels for the mean): "
+        "its backward recomputes each chunk and builds a differentiable graph"),
+    parts=(
+        "linear_mixed_loss: with reduction='mean' or 'sum' the gradient is computed in the forward for the "
+        "loss only, so its .ce and .cos parts cannot be differentiated; use reduction='none' (and reduce "
+        "the per-position values yourself) to differentiate the parts"),
+    second_backward=(
+        "linear_mixed_loss: with reduction='mean' or 'sum' the gradient computed in the forward was handed "
+        "to the first backward, so a second backward through the same loss cannot give it again "
+        "(retain_graph=True does not keep it); compute the loss again for each backward, or use "
+        "reduction='none' and reduce the per-position losses yourself: its backward recomputes each chunk "
+        "and can run more than once"),
+)
+
+
+class LinearMixedLossFunction(torch.autograd.Function):
     """(loss, ce, cos, correct) from hidden states with the loss's gradients computed in the forward.
 
     ``ce`` and ``cos`` (per position) are outputs for the parts and metrics only: a gradient
     arriving through them is refused, since the forward computed the gradient of ``loss``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, embedding, labels, ops, temperature, k, ignore_index, with_cos, chunk,
-                alpha, reduction):
+    def forward(ctx, hidden, weight, bias, embedding, labels, ops, options: LossOptions, chunk, alpha, reduction):
         ctx.set_materialize_grads(False)
         table = weight if embedding is None else embedding
         n = hidden.shape[0]
-        grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], with_cos)
+        grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], options.with_cos)
         ce, cos, correct = _row_outputs(hidden, n)
-        valid = labels != ignore_index
+        valid = labels != options.ignore_index
         coef_ce, coef_cos, scale = loss_coefficients(valid, alpha, reduction, ce.dtype)
         buffer = _logits_buffer(hidden, weight, min(chunk, n))
         for start, end in _chunks(n, chunk):
             h, rows = hidden[start:end], slice(start, end)
             z = _chunk_logits(h, weight, bias, buffer)
             if not (grads.need_logits or grads.need_table):
-                ce[rows], cos[rows], correct[rows], _ = ops.forward_rows(
-                    z, labels[rows], table, temperature, k, ignore_index, with_cos)
+                ce[rows], cos[rows], correct[rows], _ = ops.forward_rows(z, labels[rows], table, options)
                 continue
             # the chunk's gradient over its logits, the embedding's added to its accumulator
-            ce[rows], cos[rows], correct[rows], dz, dtab = forward_backward(ops)(
-                z, labels[rows], table, temperature, k, ignore_index, with_cos, coef_ce[rows], coef_cos[rows],
-                grads.need_logits, grads.need_table, inplace=True, embedding_grad_out=grads.float32_table())
+            ce[rows], cos[rows], correct[rows], dz, dtab = forward_backward_rows(
+                ops, z, labels[rows], table, coef_ce[rows], coef_cos[rows], options,
+                need_logits_grad=grads.need_logits, need_embedding_grad=grads.need_table, inplace=True,
+                embedding_grad_out=grads.float32_table())
             grads.add_chunk(dz, dtab, h, weight, rows)
         loss = reduced_loss(ce, cos, valid, alpha, scale)
         ctx.mark_non_differentiable(correct)
@@ -92,36 +111,18 @@ class LinearMixedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ce, grad_cos, _grad_correct):
-        if torch.is_grad_enabled():  # create_graph=True: the gradient computed in the forward has no graph
-            raise UnsupportedDifferentiationError(
-                "linear_mixed_loss: with reduction='mean' or 'sum' the gradient is computed in the forward, so it "
-                "cannot be differentiated again (create_graph=True, e.g. a gradient penalty); use reduction='none' "
-                "and reduce the per-position losses yourself (loss.sum() / number of valid labels for the mean): "
-                "its backward recomputes each chunk and builds a differentiable graph")
-        if grad_ce is not None or grad_cos is not None:
-            raise UnsupportedDifferentiationError(
-                "linear_mixed_loss: with reduction='mean' or 'sum' the gradient is computed in the forward for the "
-                "loss only, so its .ce and .cos parts cannot be differentiated; use reduction='none' (and reduce "
-                "the per-position values yourself) to differentiate the parts")
-        if ctx.gradients is None:
-            raise UnsupportedDifferentiationError(
-                "linear_mixed_loss: with reduction='mean' or 'sum' the gradient computed in the forward was handed "
-                "to the first backward, so a second backward through the same loss cannot give it again "
-                "(retain_graph=True does not keep it); compute the loss again for each backward, or use "
-                "reduction='none' and reduce the per-position losses yourself: its backward recomputes each chunk "
-                "and can run more than once")
-        grads, ctx.gradients = ctx.gradients, None
+        grads = take_forward_gradients(ctx, grad_ce, grad_cos, REFUSALS)
         if grad_loss is None:
-            return (None,) * 13
-        return (*grads.in_input_dtypes(grad_loss), None, None, None, None, None, None, None, None, None)
+            return (None,) * 10
+        return (*grads.in_input_dtypes(grad_loss), None, None, None, None, None, None)
 
 
-class LinearMixedRows(torch.autograd.Function):
+class LinearMixedRowsFunction(torch.autograd.Function):
     """Per-position (ce, cos, correct) from ``hidden [N, H]``, ``weight [V, H]`` (and ``bias``,
     ``embedding``), differentiable in hidden, weight, bias and embedding."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, embedding, labels, ops, temperature, k, ignore_index, with_cos, chunk):
+    def forward(ctx, hidden, weight, bias, embedding, labels, ops, options: LossOptions, chunk):
         table = weight if embedding is None else embedding
         n = hidden.shape[0]
         ce, cos, correct = _row_outputs(hidden, n)
@@ -129,38 +130,36 @@ class LinearMixedRows(torch.autograd.Function):
         buffer = _logits_buffer(hidden, weight, min(chunk, n))
         for start, end in _chunks(n, chunk):
             z = _chunk_logits(hidden[start:end], weight, bias, buffer)
-            ce_c, cos_c, correct_c, saved = ops.forward_rows(
-                z, labels[start:end], table, temperature, k, ignore_index, with_cos)
+            ce_c, cos_c, correct_c, saved = ops.forward_rows(z, labels[start:end], table, options)
             ce[start:end], cos[start:end], correct[start:end] = ce_c, cos_c, correct_c
             saved_chunks.append(saved)
         ctx.mark_non_differentiable(correct)
         ctx.chunk_sizes = [len(saved) for saved in saved_chunks]
         ctx.save_for_backward(hidden, weight, bias, embedding, labels, *[t for s in saved_chunks for t in s])
-        ctx.options = (ops, temperature, k, ignore_index, with_cos, chunk)
+        ctx.ops, ctx.options, ctx.chunk = ops, options, chunk
         return ce, cos, correct
 
     @staticmethod
     def backward(ctx, grad_ce, grad_cos, _grad_correct):
         hidden, weight, bias, embedding, labels, *flat = ctx.saved_tensors
-        ops, temperature, k, ignore_index, with_cos, chunk = ctx.options
+        options, chunk = ctx.options, ctx.chunk
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
             return (*_differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, grad_cos,
-                                              ctx.needs_input_grad[:4], temperature, k, ignore_index, with_cos,
-                                              chunk),
-                    None, None, None, None, None, None, None)
+                                              ctx.needs_input_grad[:4], options, chunk),
+                    None, None, None, None)
         table = weight if embedding is None else embedding
-        grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], with_cos)
+        grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], options.with_cos)
         grad_ce, grad_cos = grad_ce.contiguous(), grad_cos.contiguous()
         buffer = _logits_buffer(hidden, weight, min(chunk, hidden.shape[0]))
         for (start, end), saved in zip(_chunks(hidden.shape[0], chunk), _unflatten(flat, ctx.chunk_sizes)):
             h, rows = hidden[start:end], slice(start, end)
             z = _chunk_logits(h, weight, bias, buffer)
-            dz, dtab = ops.backward_rows(
-                z, labels[rows], table, tuple(saved), grad_ce[rows], grad_cos[rows],
-                temperature, k, ignore_index, with_cos, grads.need_logits, grads.need_table,
+            dz, dtab = ctx.ops.backward_rows(
+                z, labels[rows], table, tuple(saved), grad_ce[rows], grad_cos[rows], options,
+                need_logits_grad=grads.need_logits, need_embedding_grad=grads.need_table,
                 embedding_grad_out=grads.float32_table())
             grads.add_chunk(dz, dtab, h, weight, rows)
-        return (*grads.in_input_dtypes(), None, None, None, None, None, None, None)
+        return (*grads.in_input_dtypes(), None, None, None, None)
 
 
 class _Gradients:
@@ -278,8 +277,8 @@ def _has_float32_output_mm(device, dtype, out_dtype) -> bool:
     return _FLOAT32_OUTPUT_MM[key]
 
 
-def _differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, grad_cos, needs, temperature, k,
-                             ignore_index, with_cos, chunk):
+def _differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, grad_cos, needs,
+                             options: LossOptions, chunk):
     """(d hidden, d weight, d bias, d embedding) of ``sum_n grad_ce[n] ce_n + grad_cos[n] cos_n`` as a
     graph of differentiable ops, for a backward run with ``create_graph=True`` (a gradient penalty, a
     Hessian-vector product): the backends' hand-written backwards cannot be differentiated again, so
@@ -288,6 +287,7 @@ def _differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, g
     kept for the next differentiation: this backward costs the reference's memory on every chunk.
     The shared gradients are summed over the chunks in float32 (float64) and rounded once."""
     need_hidden, need_weight, need_bias, need_embedding = needs
+    with_cos = options.with_cos
     need_embedding = need_embedding and with_cos  # without the cosine term the embedding has no gradient
     table = weight if embedding is None else embedding
     shared = [t for t, wanted in ((weight, need_weight), (bias, need_bias), (embedding, need_embedding)) if wanted]
@@ -296,8 +296,7 @@ def _differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, g
     with torch.enable_grad():
         for start, end in _chunks(hidden.shape[0], chunk):
             h = hidden[start:end]
-            ce, cos, _ = reference_rows(F.linear(h, weight, bias), labels[start:end], table, temperature, k,
-                                        ignore_index, with_cos)
+            ce, cos, _ = reference_rows(F.linear(h, weight, bias), labels[start:end], table, options)
             objective = (grad_ce[start:end].to(ce.dtype) * ce).sum()
             if with_cos:
                 objective = objective + (grad_cos[start:end].to(cos.dtype) * cos).sum()

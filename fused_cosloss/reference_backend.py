@@ -1,4 +1,4 @@
-"""The reference as a kernel backend (the protocol of ``_kernel_function.py``).
+"""The reference as a kernel backend (the protocol of ``protocol.py``).
 
 ``mixed_loss`` calls the reference directly and lets autograd differentiate it; the
 fused-linear path instead drives every backend through ``forward_rows`` /
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .options import LossOptions
 from .reference import compute_dtype, reference_rows
 
 
@@ -17,14 +18,21 @@ def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | N
     return None
 
 
-def forward_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos):
+def forward_rows(logits, labels, embedding, options: LossOptions):
     """Per-row ce, cos, correct of the reference; nothing is saved (the backward recomputes)."""
     with torch.no_grad():
-        ce, cos, correct = reference_rows(logits, labels, embedding, temperature, k, ignore_index, with_cos)
+        ce, cos, correct = reference_rows(logits, labels, embedding, options)
     return ce, cos, correct, ()
 
 
-def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+def fake_forward_rows(logits, labels, embedding, options: LossOptions):
+    """Empty tensors of the shapes and dtypes ``forward_rows`` returns."""
+    n, dtype = logits.shape[0], compute_dtype(logits.dtype)
+    empty = torch.empty(n, device=logits.device, dtype=dtype)
+    return empty, torch.empty_like(empty), torch.empty(n, device=logits.device, dtype=torch.bool), ()
+
+
+def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options: LossOptions, *,
                   need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
     """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n, by autograd of the recomputed rows
     (``inplace``: copied into the logits' storage; ``embedding_grad_out``: added to that tensor).
@@ -32,12 +40,13 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, temperatu
     The embedding is differentiated as the compute-dtype (float32) table the rows use, so that the
     chunk's embedding gradient reaches ``embedding_grad_out`` unrounded: a bfloat16 table's gradient
     rounded to bfloat16 chunk by chunk would add one rounding per chunk to the accumulated sum."""
+    with_cos = options.with_cos
     need_embedding_grad = need_embedding_grad and with_cos
     storage, embedding_dtype = logits, embedding.dtype
     with torch.enable_grad():
         logits = logits.detach().requires_grad_(need_logits_grad)
         table = embedding.detach().to(compute_dtype(logits.dtype)).requires_grad_(need_embedding_grad)
-        ce, cos, _ = reference_rows(logits, labels, table, temperature, k, ignore_index, with_cos)
+        ce, cos, _ = reference_rows(logits, labels, table, options)
         objective = (grad_ce.to(ce.dtype) * ce).sum()
         if with_cos:
             objective = objective + (grad_cos.to(cos.dtype) * cos).sum()
