@@ -138,3 +138,22 @@ def test_stage_times_run_under_the_interpreter(tmp_path, path):
     assert set(stages) == expected
     assert all(row["median_ms"] > 0 for row in stages.values())
     assert stages["total"]["median_ms"] >= max(row["median_ms"] for name, row in stages.items() if name != "total")
+
+
+def test_train_step_times_every_variant_and_their_mixed_losses_agree(tmp_path):
+    """bench/train_step.py on one layer of SmolLM2's shape: every variant timed, the three
+    implementations of the mixed loss give the same loss on the same step, and the JSON is written."""
+    pytest.importorskip("transformers")
+    from bench import train_step
+
+    out = tmp_path / "train_step.json"
+    result = train_step.main(["--device", "cpu", "--layers", "1", "--batch", "1", "--seq", "16", "--repeats", "1",
+                              "--json", str(out)])
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == set(train_step.VARIANTS)
+    assert all(row["median_ms"] > 0 and row["peak_bytes"] >= 0 for row in rows.values())
+    assert rows["ce-hf"]["vs_ce_hf"] == 1.0
+    mixed = [rows[name]["loss"] for name in ("seed-style", "mixed", "mixed-linear")]
+    assert max(mixed) - min(mixed) <= 1e-4 * abs(mixed[0])
+    assert abs(mixed[0] - rows["ce-hf"]["loss"]) > 1e-3  # alpha = 0.5: not the cross-entropy alone
+    assert json.loads(out.read_text())["rows"][0]["variant"] == "ce-hf"
