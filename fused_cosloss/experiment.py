@@ -5,8 +5,10 @@ Modes: ``--alpha A`` makes one run; no ``--alpha`` runs baseline and mixed (alph
 ``--compare`` runs the grid ``--compare_alphas`` x ``--compare_temperatures`` (default {0, 0.25,
 0.5, 0.75} x {0.7, 1.0, 1.5}); ``--do_train false`` only evaluates the model as loaded. Every
 comparison starts with the model before training. Each run writes ``<run dir>/metrics.json``
-(args, run, eval, test, train) and appends a section to ``results.md``; the comparison is
-written by :func:`fused_cosloss.train_report.write_comparison`.
+(args, run, eval, test, train; ``geometry``: :func:`fused_cosloss.geometry.embedding_geometry` of the
+cosine term's table before and after, its rows split by the training split's token ids; a trained run's
+``grad_norms``: the probe's per-part gradient norms at the logging steps) and appends a section to
+``results.md``; the comparison is written by :func:`fused_cosloss.train_report.write_comparison`.
 """
 from __future__ import annotations
 
@@ -184,6 +186,8 @@ def evaluate_before_training(args: Arguments, run: Run, temperatures, prepared: 
     alpha, temperature = fn.current_alpha, fn.temperature
     fn.current_alpha = 0.0
     output_dir = args.training.output_dir
+    table = embedding_table(run)
+    extra = {"geometry": geometry_record(table, table, training_token_groups(run))}
     results = []
     for t in temperatures:
         if not args.training.do_train and len(temperatures) == 1:
@@ -192,7 +196,7 @@ def evaluate_before_training(args: Arguments, run: Run, temperatures, prepared: 
             run_dir = os.path.join(output_dir, "pretrained" if len(temperatures) == 1 else f"pretrained_T{_tag(t)}")
         probe = prepared["load"]
         probe.start()
-        results.append(evaluate_run(args, run, None, t, run_dir, {}, trained=False, load_probe=probe))
+        results.append(evaluate_run(args, run, None, t, run_dir, {}, trained=False, load_probe=probe, extra=extra))
     fn.current_alpha, fn.temperature = alpha, temperature
     prepared["pretrained"] = results
     return results
@@ -209,6 +213,8 @@ def train_run(args: Arguments, alpha: float, temperature: float, run_dir: str, p
         print(f"\n=== {run_dir}: alpha={alpha} T={temperature} K={args.loss.cos_topk} backend={args.loss.backend} "
               f"({run.description['backend']}); {len(run.data['train'])} training blocks of {args.data.block_size} "
               "tokens ===", flush=True)
+    groups = training_token_groups(run)
+    table_before = embedding_table(run, snapshot=True)
     probe = prepared["load"]
     probe.start()
     train_result = trainer.train(resume_from_checkpoint=args.training.resume_from_checkpoint)
@@ -216,8 +222,48 @@ def train_run(args: Arguments, alpha: float, temperature: float, run_dir: str, p
     train_metrics["global_step"] = trainer.state.global_step
     train_metrics["schedule"] = schedule_record(trainer.args, trainer.state.max_steps)
     train_metrics["log_history"] = [entry for entry in trainer.state.log_history if "loss" in entry]
-    metrics = evaluate_run(args, run, alpha, temperature, run_dir, train_metrics, load_probe=probe)
+    extra = {"geometry": geometry_record(table_before, embedding_table(run), groups),
+             "grad_norms": grad_norm_series(trainer.state.log_history)}
+    metrics = evaluate_run(args, run, alpha, temperature, run_dir, train_metrics, load_probe=probe, extra=extra)
     return metrics, run
+
+
+# ---- what training did to the embedding ---------------------------------------------------------
+
+def embedding_table(run: Run, snapshot: bool = False):
+    """The cosine term's ``[V, H]`` embedding (the tied or input table), detached, on the CPU (``snapshot``:
+    a copy that training does not change)."""
+    table = run.loss_fn.get_embedding().detach()
+    return table.to("cpu", copy=snapshot)
+
+
+def training_token_groups(run: Run) -> dict:
+    """:func:`fused_cosloss.geometry.split_by_seen` of the vocabulary by the token ids of the training split."""
+    import itertools
+
+    import torch
+
+    from .geometry import split_by_seen
+
+    ids = torch.tensor(list(itertools.chain.from_iterable(run.data["train"]["input_ids"])), dtype=torch.long)
+    return split_by_seen(run.loss_fn.get_embedding().shape[0], ids)
+
+
+def geometry_record(table_before, table_after, groups: dict) -> dict:
+    """metrics.json's ``geometry``: :func:`fused_cosloss.geometry.embedding_geometry` of the table before and
+    after training, over the same sample of each group (its size and seed recorded)."""
+    from .geometry import SAMPLE_SIZE, embedding_geometry
+
+    return {"sample_size": SAMPLE_SIZE, "sample_seed": 0,
+            "before": embedding_geometry(table_before, groups, size=SAMPLE_SIZE, seed=0),
+            "after": embedding_geometry(table_after, groups, before=table_before, size=SAMPLE_SIZE, seed=0)}
+
+
+def grad_norm_series(log_history: list[dict]) -> list[dict]:
+    """metrics.json's ``grad_norms``: ``{step, grad_norm_ce, grad_norm_cos}`` of each logging step where the
+    probe measured the gradient norm of each loss part (the norms are those of (1 - alpha) CE and alpha cos)."""
+    return [{"step": entry["step"], "grad_norm_ce": entry["grad_norm_ce"], "grad_norm_cos": entry["grad_norm_cos"]}
+            for entry in log_history if "grad_norm_ce" in entry and "grad_norm_cos" in entry]
 
 
 def save_dtype(name: str, model):
@@ -244,12 +290,14 @@ def save_model(run: Run, run_dir: str, dtype_name: str) -> dict | None:
 
 def evaluate_run(args: Arguments, run: Run, alpha: float | None, temperature: float, run_dir: str,
                  train_metrics: dict, shared_from: str | None = None, trained: bool = True,
-                 load_probe: LoadProbe | None = None, load_record: dict | None = None) -> dict:
+                 load_probe: LoadProbe | None = None, load_record: dict | None = None,
+                 extra: dict | None = None) -> dict:
     """Evaluate (validation, test) at this temperature; write metrics.json; append to results.md.
 
     ``trained=False``: the model before training (``alpha`` None). ``load_probe``, started before
     the run, is stopped after this evaluation: the load average around the run goes in ``run.load``
-    (``load_record``: the load of the run that trained a shared model).
+    (``load_record``: the load of the run that trained a shared model). ``extra``: more top-level entries
+    of metrics.json (a trained run's ``geometry`` and ``grad_norms``).
     """
     run.loss_fn.temperature = temperature
     eval_metrics = run.trainer.evaluate(run.data["validation"], metric_key_prefix="eval")
@@ -269,6 +317,7 @@ def evaluate_run(args: Arguments, run: Run, alpha: float | None, temperature: fl
     metrics = {"args": run_args, "run": description, "eval": eval_metrics, "test": test_metrics, "train": train_metrics}
     if embedding is not None:
         metrics["embedding_groups"] = embedding
+    metrics.update(extra or {})
     if shared_from:
         metrics["run"]["training_shared_with"] = shared_from
     if trained and args.training.save_model and not shared_from:
@@ -335,8 +384,10 @@ def grid(args: Arguments, prepared: dict) -> list[dict]:
             run_dir = os.path.join(args.training.output_dir, f"a{_tag(alpha)}_T{_tag(temperature)}")
             if alpha == 0.0 and shared is not None:
                 shared_run, first = shared
+                shared_extra = {key: first[key] for key in ("geometry", "grad_norms") if key in first}
                 results.append(evaluate_run(args, shared_run, alpha, temperature, run_dir, first["train"],
-                                            shared_from=first["run"]["run_dir"], load_record=first["run"].get("load")))
+                                            shared_from=first["run"]["run_dir"], load_record=first["run"].get("load"),
+                                            extra=shared_extra))
                 continue
             metrics, trained_run = train_run(args, alpha, temperature, run_dir, prepared)
             results.append(metrics)

@@ -1,0 +1,194 @@
+"""The experiment harness of issue #14: the geometry and gradient norms every run records in
+metrics.json, and the resumable grid (python -m fused_cosloss.grid) on the built-in tiny model."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+pytest.importorskip("tokenizers")
+
+import torch  # noqa: E402
+
+from fused_cosloss import grid  # noqa: E402
+from fused_cosloss.geometry import embedding_geometry, split_by_seen  # noqa: E402
+
+FAST = ["--max_steps", "2", "--logging_steps", "1", "--per_device_eval_batch_size", "64", "--disable_tqdm"]
+
+
+def _read(path):
+    return json.loads(path.read_text())
+
+
+# ---- what a run records ---------------------------------------------------------------------------
+
+def test_run_records_geometry_of_its_initial_and_trained_table(tmp_path):
+    """geometry before/after equal embedding_geometry computed here on the initial model (rebuilt the same
+    way, same seed) and the trained one, split by the training split's ids; grad_norms is the probe's log."""
+    from fused_cosloss import experiment
+    from fused_cosloss.text_data import load_raw_splits
+    from fused_cosloss.train_args import parse_args
+    from fused_cosloss.train_env import LoadProbe
+
+    argv = [*grid.TINY_ARGS, "--alpha", "0.5", "--seed", "3", "--output_dir", str(tmp_path / "run"),
+            "--eval_pretrained", "false", *FAST]
+    args = parse_args(argv)
+    prepared = {"raw": load_raw_splits(args.data, args.training.seed), "temperatures": [1.0], "load": LoadProbe(1)}
+    initial = experiment.prepare_run(args, 0.5, 1.0, str(tmp_path / "unused"), prepared)
+    table0 = initial.trainer.model.get_input_embeddings().weight.detach().clone()
+    seen = torch.tensor(list(itertools.chain.from_iterable(initial.data["train"]["input_ids"])))
+    groups = split_by_seen(table0.shape[0], seen)
+    assert groups["seen"].numel() > 1 and groups["unseen"].numel() > 1
+
+    metrics, trained = experiment.train_run(args, 0.5, 1.0, str(tmp_path / "run"), prepared)
+    assert metrics["geometry"]["before"] == embedding_geometry(table0, groups)
+    table1 = trained.trainer.model.get_input_embeddings().weight.detach()
+    after = embedding_geometry(table1, groups, before=table0)
+    assert metrics["geometry"]["after"] == after
+    assert after["seen"]["relative_change"] > 0 and after["unseen"]["relative_change"] > 0
+    logged = [e for e in trained.trainer.state.log_history if "grad_norm_ce" in e]
+    assert len(logged) == 2
+    assert metrics["grad_norms"] == [{"step": e["step"], "grad_norm_ce": e["grad_norm_ce"],
+                                      "grad_norm_cos": e["grad_norm_cos"]} for e in logged]
+    assert _read(tmp_path / "run" / "metrics.json")["geometry"] == metrics["geometry"]
+
+
+def test_evaluation_only_records_no_change(tmp_path):
+    """--do_train false: the geometry of the table as loaded, before and after the same sample, change 0."""
+    from fused_cosloss import train
+
+    train.main([*grid.TINY_ARGS, "--do_train", "false", "--output_dir", str(tmp_path), *FAST])
+    geometry = _read(tmp_path / "metrics.json")["geometry"]
+    for group in ("seen", "unseen"):
+        after = dict(geometry["after"][group])
+        assert after.pop("relative_change") == 0.0
+        assert after == geometry["before"][group]
+
+
+def test_geometry_record_uses_one_sample_before_and_after():
+    """Groups larger than the sample: before and after are measured on the same rows, drawn with seed 0."""
+    from fused_cosloss import experiment
+    from fused_cosloss.geometry import SAMPLE_SIZE, mean_pairwise_cosine, relative_change, token_sample
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 2 * SAMPLE_SIZE + 1500
+    before = torch.randn(vocab, 8, generator=g)
+    after = before + 0.1 * torch.randn(vocab, 8, generator=g) + 0.3
+    groups = split_by_seen(vocab, torch.arange(0, vocab, 2))
+    record = experiment.geometry_record(before, after, groups)
+    for name, ids in groups.items():
+        rows = token_sample(ids, SAMPLE_SIZE, 0)
+        assert ids.numel() > SAMPLE_SIZE and record["after"][name]["sample"] == SAMPLE_SIZE
+        assert record["before"][name]["mean_pairwise_cosine"] == mean_pairwise_cosine(before[rows])
+        assert record["after"][name]["mean_pairwise_cosine"] == mean_pairwise_cosine(after[rows])
+        assert record["after"][name]["relative_change"] == relative_change(before[rows], after[rows])
+
+
+# ---- the grid -----------------------------------------------------------------------------------
+
+def _value(metrics, key):
+    section, name = grid.RUN_VALUES[key]
+    return metrics[section][name]
+
+
+def test_grid_two_runs_status_assemble_and_redo(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert grid.main(["run", "--grid", "tiny", "--dir", str(runs), "--next", "--", *FAST]) == 0
+    # --all with a time budget that is spent at once: one run, then it stops
+    assert grid.main(["run", "--grid", "tiny", "--dir", str(runs), "--all", "--stop_after", "0", "--", *FAST]) == 0
+    first, second = runs / "a0_lr5e-05_s0" / "metrics.json", runs / "a0_lr5e-05_s1" / "metrics.json"
+    assert first.exists() and second.exists() and not (runs / "a0_lr5e-05_s2").exists()
+    m0, m1 = _read(first), _read(second)
+    assert (m0["args"]["alpha"], m0["args"]["learning_rate"], m0["args"]["seed"]) == (0.0, 5e-5, 0)
+    assert (m1["args"]["alpha"], m1["args"]["learning_rate"], m1["args"]["seed"]) == (0.0, 5e-5, 1)
+    assert m0["train"]["global_step"] == 2 and m0["args"]["do_train"]
+
+    capsys.readouterr()
+    assert grid.main(["status", "--dir", str(runs)]) == 0
+    assert "2 of 24 runs done" in capsys.readouterr().out
+
+    page = tmp_path / "docs" / "experiments.md"
+    assert grid.main(["assemble", "--dir", str(runs), "--out", str(page)]) == 0
+    assembled = _read(tmp_path / "docs" / "results" / "experiments" / "tiny.json")
+    (row,) = assembled["rows"]
+    assert (row["alpha"], row["learning_rate"], row["seeds"]) == (0.0, 5e-5, [0, 1])
+    for key in ("val_ppl", "test_ppl", "val_acc", "test_acc", "val_cos"):
+        values = [_value(m0, key), _value(m1, key)]
+        assert row["values"][key]["mean"] == pytest.approx(statistics.fmean(values), rel=1e-12)
+        assert row["values"][key]["std"] == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-15)
+    for group in ("seen", "unseen"):
+        changes = [m["geometry"]["after"][group]["relative_change"] for m in (m0, m1)]
+        assert row["values"][f"{group}_change"]["mean"] == pytest.approx(statistics.fmean(changes), rel=1e-12)
+        cos = [m["geometry"]["before"][group]["mean_pairwise_cosine"] for m in (m0, m1)]
+        assert row["values"][f"{group}_cos_before"]["mean"] == pytest.approx(statistics.fmean(cos), rel=1e-12)
+    text = page.read_text()
+    ppl = [_value(m0, "val_ppl"), _value(m1, "val_ppl")]
+    assert f"| {statistics.fmean(ppl):.3f} ± {statistics.stdev(ppl):.3f} |" in text
+    assert "Runs done: 2 of 24" in text and "INCOMPLETE" in text
+    assert grid.main(["assemble", "--check", "--out", str(page)]) == 0
+    page.write_text(text.replace("Runs done: 2", "Runs done: 3"))
+    assert grid.main(["assemble", "--check", "--out", str(page)]) == 1
+
+    # an interrupted run (its folder without metrics.json) is redone, and only it
+    first.unlink()
+    (runs / "a0_lr5e-05_s0" / "leftover").write_text("from the interrupted attempt")
+    untouched = second.read_text()
+    assert grid.main(["run", "--dir", str(runs), "--next"]) == 0  # the grid and arguments recorded in --dir
+    assert first.exists() and second.read_text() == untouched and not (runs / "a0_lr5e-05_s2").exists()
+    assert not (runs / "a0_lr5e-05_s0" / "leftover").exists()
+    assert _read(first)["eval"]["eval_perplexity"] == m0["eval"]["eval_perplexity"]  # same seed, same run
+
+
+def test_grid_may_grow_but_not_change_a_finished_run(tmp_path, capsys):
+    spec = grid.load_spec("tiny")
+    grid.fix_grid(str(tmp_path), spec, ["--max_steps", "2"])
+    finished = tmp_path / grid.grid_runs(spec)[0].name / "metrics.json"
+    finished.parent.mkdir()
+    finished.write_text(json.dumps({"run": {"trained": True}, "eval": {}}))
+    grid.fix_grid(str(tmp_path), spec, ["--max_steps", "2"])  # the same: fine
+    with pytest.raises(ValueError, match="finished run a0_lr5e-05_s0 is not in this grid with the same"):
+        grid.fix_grid(str(tmp_path), spec, ["--max_steps", "3"])
+    grown = dict(spec, variants={**spec["variants"], "detach": {"args": ["--detach_cos_embedding", "true"],
+                                                               "alphas": [0.5], "learning_rates": [5e-4]}})
+    grid.fix_grid(str(tmp_path), grown, ["--max_steps", "2"])  # new runs only: fine, and recorded
+    assert grid.recorded_grid(str(tmp_path))["grid"] == grown
+    assert grid.main(["status", "--dir", str(tmp_path)]) == 0
+    assert "1 of 27 runs done" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="is not in this grid"):
+        grid.fix_grid(str(tmp_path), dict(spec, seeds=[1, 2]), ["--max_steps", "2"])
+    assert grid.main(["run", "--grid", "tiny", "--dir", str(tmp_path), "--next", "--", "--alpha", "0.3"]) == 2
+    assert "the grid sets" in capsys.readouterr().err
+
+
+def test_grid_spec_file(tmp_path):
+    path = tmp_path / "remedies.json"
+    path.write_text(json.dumps({"args": ["--model_name_or_path", "tiny"], "alphas": [0, 0.5], "learning_rates": [5e-4],
+                                "seeds": [0, 1, 2], "variants": {"": [], "detach": {
+                                    "args": ["--detach_cos_embedding", "true"], "alphas": [0.5]},
+                                    "warmup": {"args": ["--alpha_warmup", "0.3"], "alphas": [0.5], "seeds": [0]}}}))
+    spec = grid.load_spec(str(path))
+    names = [run.name for run in grid.grid_runs(spec)]
+    assert spec["name"] == "remedies" and len(names) == 6 + 3 + 1
+    assert names[6:] == ["detach_a0.5_lr0.0005_s0", "detach_a0.5_lr0.0005_s1", "detach_a0.5_lr0.0005_s2",
+                         "warmup_a0.5_lr0.0005_s0"]
+    run = grid.grid_runs(spec)[6]
+    argv = grid.run_argv(spec, run, "out", [])
+    assert argv[argv.index("--alpha") + 1] == "0.5" and argv[argv.index("--seed") + 1] == "0"
+    assert argv[argv.index("--detach_cos_embedding") + 1] == "true"
+    path.write_text(json.dumps({"alphas": [0.5], "learning_rates": [5e-4]}))
+    with pytest.raises(ValueError, match="missing keys \\['seeds'\\]"):
+        grid.load_spec(str(path))
+    path.write_text(json.dumps({"alphas": [0.5], "learning_rates": [5e-4], "seeds": [0],
+                                "variants": {"x": {"alpha": [1]}}}))
+    with pytest.raises(ValueError, match="variant 'x'"):
+        grid.load_spec(str(path))
+
+
+def test_spread_of_one_seed_has_no_std():
+    stats = grid.spread([2.0, math.nan])
+    assert stats["n"] == 1 and stats["mean"] == 2.0 and math.isnan(stats["std"])
