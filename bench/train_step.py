@@ -15,7 +15,8 @@ in one process so that a change of machine load falls on all of them alike:
 Reported per variant: the median step time with its 20-80 % spread, the ratio to ``ce-hf``, the
 peak memory of one step above what was in use before it, and the loss. Example::
 
-    python bench/train_step.py --batch 2 --seq 256 --repeats 5 --json bench/results/train_step-cpu.json
+    python bench/train_step.py --batch 2 --seq 256 --repeats 15 --json bench/results/train_step-cpu-2core.json \
+        --markdown bench/results/train_step-cpu-2core.md
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("--markdown", default=None, help="write the table here (from the result, as printed)")
     return parser.parse_args(argv)
 
 
@@ -155,10 +157,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     result = run(args)
     print(format_table(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as out:
-            json.dump(result, out, indent=1)
+    for path, text in ((args.json, json.dumps(result, indent=1)), (args.markdown, format_table(result) + "\n")):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as out:
+                out.write(text)
     return result
 
 
