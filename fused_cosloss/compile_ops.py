@@ -87,14 +87,13 @@ def _rows_backward_fake(backend, logits, labels, embedding, saved, grad_ce, grad
 
 
 def _setup_context(ctx, inputs, output):
-    backend, logits, labels, embedding, temperature, k, ignore_index, with_cos = inputs
+    backend, logits, labels, embedding, *schema_options = inputs
     ctx.save_for_backward(logits, labels, embedding, *output[3:])
-    ctx.options = (backend, temperature, k, ignore_index, with_cos)
+    ctx.backend, ctx.options = backend, LossOptions(*schema_options)
 
 
 def _backward(ctx, grads):
     logits, labels, embedding, *saved = ctx.saved_tensors
-    backend, temperature, k, ignore_index, with_cos = ctx.options
     need_logits, need_embedding = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
     grad_ce, grad_cos = grads[0], grads[1]
     if grad_ce is None:
@@ -102,13 +101,13 @@ def _backward(ctx, grads):
     if grad_cos is None:
         grad_cos = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
     dlogits, dembedding = torch.ops.fused_cosloss.rows_backward(
-        backend, logits, labels, embedding, saved, grad_ce, grad_cos, temperature, k, ignore_index, with_cos,
+        ctx.backend, logits, labels, embedding, saved, grad_ce, grad_cos, *ctx.options.as_schema_args(),
         need_logits, need_embedding)
     return (
         None,
         dlogits if need_logits else None,
         None,
-        dembedding if need_embedding and with_cos else None,
+        dembedding if need_embedding and ctx.options.with_cos else None,
         None, None, None, None,
     )
 

@@ -300,14 +300,12 @@ def mean_grad_norms(records: list[dict]) -> list[dict]:
 
 def collect(directory: str, spec: dict, extra: list[str]) -> dict:
     """The assembled results: the grid, every finished run's numbers and the rows aggregated over seeds."""
-    records = []
-    for run in grid_runs(spec):
-        metrics = finished_metrics(directory, run)
-        if metrics is not None:
-            records.append(run_record(run, metrics))
-    if not records:
+    finished = [(run, finished_metrics(directory, run)) for run in grid_runs(spec)]
+    finished = [(run, metrics) for run, metrics in finished if metrics is not None]
+    if not finished:
         raise ValueError(f"{directory}: no finished run of grid {spec['name']!r}; run some first")
-    first = finished_metrics(directory, next(r for r in grid_runs(spec) if finished_metrics(directory, r)))
+    records = [run_record(run, metrics) for run, metrics in finished]
+    first = finished[0][1]
     return {"grid": spec, "extra_args": extra, "runs_total": len(grid_runs(spec)), "model": short_model(first),
             "data": first["run"]["data"], "runs": records, "rows": aggregate(records)}
 

@@ -11,7 +11,7 @@ from .linear_autograd import LinearMixedLossFunction, LinearMixedRowsFunction
 from .meta import meta_rows
 from .options import LossOptions
 from .validation import (check_chunk_size, check_flag, check_ignore_index, check_label_range, check_linear_tensors,
-                          check_scalars)
+                         check_scalars)
 from .functional import assemble, shift_labels
 
 # Default chunk: about this many logits at a time (V = 50257: 333 rows on CPU, 1335 on CUDA).

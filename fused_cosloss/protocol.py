@@ -12,7 +12,7 @@ float64 logits): ce_n and cos_n are zero at ignored positions, cos is zero every
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Protocol, runtime_checkable
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 
@@ -30,7 +30,6 @@ class RowsForward(NamedTuple):
     saved: tuple
 
 
-@runtime_checkable
 class KernelBackend(Protocol):
     """The functions of a backend module (``forward_backward_rows`` is optional)."""
 
@@ -42,7 +41,8 @@ class KernelBackend(Protocol):
 
     def fake_forward_rows(self, logits, labels, embedding, options: LossOptions) -> RowsForward:
         """Empty tensors of the shapes, dtypes and devices ``forward_rows`` returns (the fake
-        kernel of the ``torch.compile`` custom op, ``compile_ops.py``)."""
+        kernel of the ``torch.compile`` custom op, ``compile_ops.py``; the kernel backends only:
+        the reference is traced as it is)."""
 
     def backward_rows(self, logits, labels, embedding, saved: tuple, grad_ce, grad_cos, options: LossOptions, *,
                       need_logits_grad: bool, need_embedding_grad: bool, inplace: bool = False,

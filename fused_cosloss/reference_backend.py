@@ -5,12 +5,15 @@ fused-linear path instead drives every backend through ``forward_rows`` /
 ``backward_rows`` one chunk of logits at a time, and this module is how the reference
 takes part: the forward runs without a graph, the backward runs the forward again on
 the chunk under autograd and differentiates it (the chunk's graph lives only that long).
+It never runs under ``torch.compile`` (there the reference is traced as it is), so it has no
+``fake_forward_rows``.
 """
 from __future__ import annotations
 
 import torch
 
 from .options import LossOptions
+from .protocol import RowsForward
 from .reference import compute_dtype, reference_rows
 
 
@@ -18,18 +21,11 @@ def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | N
     return None
 
 
-def forward_rows(logits, labels, embedding, options: LossOptions):
+def forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:
     """Per-row ce, cos, correct of the reference; nothing is saved (the backward recomputes)."""
     with torch.no_grad():
         ce, cos, correct = reference_rows(logits, labels, embedding, options)
-    return ce, cos, correct, ()
-
-
-def fake_forward_rows(logits, labels, embedding, options: LossOptions):
-    """Empty tensors of the shapes and dtypes ``forward_rows`` returns."""
-    n, dtype = logits.shape[0], compute_dtype(logits.dtype)
-    empty = torch.empty(n, device=logits.device, dtype=dtype)
-    return empty, torch.empty_like(empty), torch.empty(n, device=logits.device, dtype=torch.bool), ()
+    return RowsForward(ce, cos, correct, ())
 
 
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options: LossOptions, *,

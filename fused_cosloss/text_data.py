@@ -158,10 +158,10 @@ def write_pydoc_files(directory: str) -> dict[str, str]:
 
     os.makedirs(directory, exist_ok=True)
     paths = {}
-    for split, texts in pydoc_splits().items():
+    for split, rows in builtin_splits(PYDOC).items():  # each row ends in one line break
         paths[split] = os.path.join(directory, f"{split}.txt")
         with open(paths[split], "w", encoding="utf-8") as handle:
-            handle.write("\n".join(text.rstrip("\n") for text in texts) + "\n")
+            handle.write("".join(rows))
     return paths
 
 

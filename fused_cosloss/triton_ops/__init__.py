@@ -35,8 +35,9 @@ from . import tiles
 from .backward import cosine_backward, launch_backward_rows
 from .config import CONFIG
 from .dense import dense_backward, dense_forward
-from .forward import CE_ONLY, DENSE, SPARSE, launch_cosine, launch_row_stats
+from .forward import launch_cosine, launch_row_stats
 from .layout import COS_VALUE, ROW_WIDTH, TritonSaved, host_column, index_dtype
+from .tiles import CE_ONLY, DENSE, SPARSE
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

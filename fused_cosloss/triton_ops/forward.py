@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import tiles
+from .tiles import SPARSE
 from .backward import cosine_rows, write_outside_s
 from .config import CONFIG
 from .gather import expected_embedding
@@ -46,9 +47,6 @@ from .layout import (COS_DOT, COS_NORM_E, COS_NORM_MU, COS_VALUE, STAT_LOG_SUM, 
                      column)
 from .select import compact, radix_bound_registers, radix_kth, sort_key
 
-# The row kernel's modes (MODE): cross-entropy alone, the sparse path's selection of S, and the
-# dense path's threshold of S over the whole row (k > CONFIG.sparse_max_k).
-CE_ONLY, SPARSE, DENSE = 0, 1, 2
 
 EPS = tl.constexpr(1e-12)
 NEG_BIG = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: start of the running max, below every finite value

@@ -11,6 +11,10 @@ import torch
 
 from .config import CONFIG
 
+# The row kernel's modes (its MODE): cross-entropy alone, the sparse path's selection of S, and the
+# dense path's threshold of S over the whole row (k > CONFIG.sparse_max_k).
+CE_ONLY, SPARSE, DENSE = 0, 1, 2
+
 
 def interpreted() -> bool:
     """Whether this package's kernels were built for the triton interpreter (TRITON_INTERPRET=1
@@ -77,14 +81,14 @@ def row_block(vocab: int) -> int:
 
 def row_kernel_lanes(vocab: int, k: int, mode: int) -> int:
     """BV of the forward row kernel: the selection's lane bound needs at least k lanes."""
-    if mode == 1:
+    if mode == SPARSE:
         return max(min(CONFIG.sparse_row_lanes, row_block(vocab)), next_pow2(k))
     return row_block(vocab)
 
 
 def row_kernel_options(dtype: torch.dtype, mode: int) -> dict:
     """Launch options (num_warps, maxnreg) of the forward row kernel for logits of this dtype in this mode."""
-    maxnreg = {0: None, 1: CONFIG.sparse_row_maxnreg[dtype], 2: CONFIG.dense_row_maxnreg}[mode]
+    maxnreg = {CE_ONLY: None, SPARSE: CONFIG.sparse_row_maxnreg[dtype], DENSE: CONFIG.dense_row_maxnreg}[mode]
     return dict(num_warps=CONFIG.row_warps, maxnreg=maxnreg)
 
 
