@@ -130,11 +130,14 @@ def check_passthrough(args: list[str]) -> None:
 
 
 def grid_runs(spec: dict) -> list[GridRun]:
-    """Every run of the grid, in the order ``run --next`` takes them: variant, learning rate, alpha, seed."""
+    """Every run of the grid, in the order ``run --next`` takes them: variant, seed, learning rate, alpha.
+
+    Seed-major, so that a grid stopped part-way has already covered every setting once.
+    """
     runs = []
     for name, variant in spec["variants"].items():
-        lists = [variant.get(key, spec[key]) for key in ("learning_rates", "alphas", "seeds")]
-        runs += [GridRun(name, float(alpha), float(lr), int(seed)) for lr, alpha, seed in itertools.product(*lists)]
+        lists = [variant.get(key, spec[key]) for key in ("seeds", "learning_rates", "alphas")]
+        runs += [GridRun(name, float(alpha), float(lr), int(seed)) for seed, lr, alpha in itertools.product(*lists)]
     return runs
 
 

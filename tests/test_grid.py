@@ -96,11 +96,22 @@ def _value(metrics, key):
     return metrics[section][name]
 
 
+def test_grid_order_is_seed_major():
+    """A grid stopped part-way has covered every setting once before any setting gets its second seed."""
+    runs = grid.grid_runs(grid.load_spec("tiny"))
+    assert len(runs) == 24 and [run.seed for run in runs] == [0] * 8 + [1] * 8 + [2] * 8
+    assert len({run.setting for run in runs[:8]}) == 8
+
+
 def test_grid_two_runs_status_assemble_and_redo(tmp_path, capsys):
     runs = tmp_path / "runs"
-    assert grid.main(["run", "--grid", "tiny", "--dir", str(runs), "--next", "--", *FAST]) == 0
+    one_row = tmp_path / "tiny_row.json"  # one setting, three seeds: the first two runs are one table row
+    spec = {key: value for key, value in grid.load_spec("tiny").items() if key != "name"}
+    one_row.write_text(json.dumps(dict(spec, alphas=[0.0], learning_rates=[5e-5])))
+    assert grid.main(["run", "--grid", str(one_row), "--dir", str(runs), "--next", "--", *FAST]) == 0
     # --all with a time budget that is spent at once: one run, then it stops
-    assert grid.main(["run", "--grid", "tiny", "--dir", str(runs), "--all", "--stop_after", "0", "--", *FAST]) == 0
+    assert grid.main(["run", "--grid", str(one_row), "--dir", str(runs), "--all", "--stop_after", "0",
+                      "--", *FAST]) == 0
     first, second = runs / "a0_lr5e-05_s0" / "metrics.json", runs / "a0_lr5e-05_s1" / "metrics.json"
     assert first.exists() and second.exists() and not (runs / "a0_lr5e-05_s2").exists()
     m0, m1 = _read(first), _read(second)
@@ -110,11 +121,11 @@ def test_grid_two_runs_status_assemble_and_redo(tmp_path, capsys):
 
     capsys.readouterr()
     assert grid.main(["status", "--dir", str(runs)]) == 0
-    assert "2 of 24 runs done" in capsys.readouterr().out
+    assert "2 of 3 runs done" in capsys.readouterr().out
 
     page = tmp_path / "docs" / "experiments.md"
     assert grid.main(["assemble", "--dir", str(runs), "--out", str(page)]) == 0
-    assembled = _read(tmp_path / "docs" / "results" / "experiments" / "tiny.json")
+    assembled = _read(tmp_path / "docs" / "results" / "experiments" / "tiny_row.json")
     (row,) = assembled["rows"]
     assert (row["alpha"], row["learning_rate"], row["seeds"]) == (0.0, 5e-5, [0, 1])
     for key in ("val_ppl", "test_ppl", "val_acc", "test_acc", "val_cos"):
@@ -129,7 +140,7 @@ def test_grid_two_runs_status_assemble_and_redo(tmp_path, capsys):
     text = page.read_text()
     ppl = [_value(m0, "val_ppl"), _value(m1, "val_ppl")]
     assert f"| {statistics.fmean(ppl):.3f} ± {statistics.stdev(ppl):.3f} |" in text
-    assert "Runs done: 2 of 24" in text and "INCOMPLETE" in text
+    assert "Runs done: 2 of 3" in text and "INCOMPLETE" in text
     assert grid.main(["assemble", "--check", "--out", str(page)]) == 0
     page.write_text(text.replace("Runs done: 2", "Runs done: 3"))
     assert grid.main(["assemble", "--check", "--out", str(page)]) == 1
