@@ -151,7 +151,7 @@ def prepare_run(args: Arguments, alpha: float, temperature: float, run_dir: str,
     loss_fn = MixedLossForTrainer(
         model, embedding=loss.embedding, alpha=alpha, temperature=temperature, topk=loss.cos_topk,
         backend=loss.backend, alpha_warmup=loss.alpha_warmup, embedding_grad=not loss.detach_cos_embedding,
-        probe_grad_norms=not loss.no_grad_norm_probe, fused_linear=loss.fused_linear,
+        probe_grad_norms=not loss.no_grad_norm_probe, fused_linear=loss.fused_linear, z_loss=loss.z_loss,
     )
     training_args = training_arguments(args, run_dir)
     if training_args.world_size > 1:  # exact loss-pass metrics under data parallelism (see pad_for_distributed_eval)

@@ -10,20 +10,21 @@ from . import backends
 from .autograd import GradIntoLogitsFunction, kernel_loss, kernel_rows
 from .backends import Backend
 from .compile_ops import compiled_kernel_rows
-from .loss_math import loss_rows, reduce_positions
+from .loss_math import effective_weight, loss_rows, mean_divisor, reduce_positions
 from .meta import meta_rows
 from .options import LossOptions
 from .reference import reference_rows
-from .validation import check_flag, check_ignore_index, check_label_range, check_scalars, check_tensors
+from .validation import (check_flag, check_ignore_index, check_label_range, check_loss_options, check_scalars,
+                         check_tensors, check_weight)
 
 
 class MixedLossOutput(NamedTuple):
     """The loss with its parts and the counts evaluation needs (no logits kept).
 
-    ``loss == alpha * cos + (1 - alpha) * ce``; ``ce`` and ``cos`` (the distance
-    1 - cos_n) use the loss's reduction. ``n_valid``, ``n_correct`` (argmax == label)
-    and ``cos_sim_sum`` (summed cosine similarity) are sums over valid positions,
-    detached from the graph.
+    ``loss == alpha * cos + (1 - alpha) * ce + z_loss``; ``ce``, ``cos`` (the distance
+    1 - cos_n) and ``z_loss`` (zeta * lse_n^2; zero without the option) use the loss's
+    reduction and weights. ``n_valid``, ``n_correct`` (argmax == label) and ``cos_sim_sum``
+    (summed cosine similarity) are unweighted sums over valid positions, detached from the graph.
     """
 
     loss: torch.Tensor
@@ -32,6 +33,7 @@ class MixedLossOutput(NamedTuple):
     n_valid: torch.Tensor
     n_correct: torch.Tensor
     cos_sim_sum: torch.Tensor
+    z_loss: torch.Tensor
 
 
 def mixed_loss(
@@ -45,6 +47,11 @@ def mixed_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     shift: bool = False,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    weight: torch.Tensor | None = None,
     backend: str = "auto",
     return_parts: bool = False,
     inplace_grad: bool = False,
@@ -61,6 +68,16 @@ def mixed_loss(
         topk: K >= 1, or None for the whole vocabulary.
         reduction: ``"mean"`` over valid positions (0 when none), ``"sum"`` or ``"none"``.
         shift: causal-LM shift for ``[B, T, V]`` logits: position t predicts ``labels[:, t + 1]``.
+        logit_scale: s > 0 multiplying every logit first (Cohere's ``logit_scale``, Granite's
+            ``1 / logits_scaling``); None: 1.
+        softcap: c > 0: every (scaled) logit x becomes ``c * tanh(x / c)`` before anything else
+            (Gemma 2/3's ``final_logit_softcapping``), never stored as a second ``[N, V]`` by the
+            kernels; None: no cap. Pass it only for logits the model has not capped already.
+        label_smoothing: epsilon in [0, 1]: the CE part is ``F.cross_entropy(label_smoothing=epsilon)``'s
+            (the cosine target stays the gold token).
+        z_loss: zeta >= 0: adds ``zeta * logsumexp(z'_n) ** 2`` per valid position (PaLM's z-loss).
+        weight: per-position loss weights of the labels' shape (float), or None; ``"mean"`` then
+            divides by the sum of the valid positions' weights (see docs/spec.md, "Loss options").
         backend: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"``.
         return_parts: return a :class:`MixedLossOutput` instead of the loss alone.
         inplace_grad: the logits' gradient is written over the logits themselves (their
@@ -84,39 +101,44 @@ def mixed_loss(
         positions) in float32 (float64 for float64 logits), or a :class:`MixedLossOutput`.
     """
     alpha, temperature, topk = check_scalars(alpha, temperature, topk, reduction, backend)
+    logit_scale, softcap, label_smoothing, z_loss = check_loss_options(logit_scale, softcap, label_smoothing, z_loss)
     ignore_index = check_ignore_index(ignore_index)
     for name, flag in (("shift", shift), ("return_parts", return_parts), ("inplace_grad", inplace_grad)):
         check_flag(name, flag)
     check_flag("grad_in_forward", grad_in_forward, optional=True)
     check_tensors(logits, labels, embedding, shift)
+    check_weight(weight, labels)
     vocab = logits.shape[-1]
     if vocab < 1:
         raise ValueError(f"logits: expected a vocabulary size V >= 1, got shape {tuple(logits.shape)}")
     if shift:
         labels = shift_labels(labels, ignore_index)
+        weight = None if weight is None else shift_weight(weight)
     check_label_range(labels, vocab, ignore_index)
     if inplace_grad and torch.compiler.is_compiling():
         raise ValueError("inplace_grad: expected False under torch.compile (a traced graph may not write "
                          "over its inputs in the backward), got True")
-    gradient_now = _grad_in_forward(grad_in_forward, reduction, return_parts, logits, embedding)
+    gradient_now = _grad_in_forward(grad_in_forward, reduction, return_parts, logits, embedding, weight)
 
     flat_logits, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
+    flat_weight = None if weight is None else weight.reshape(-1)
     options = LossOptions.resolve(temperature=temperature, topk=topk, vocab=vocab, ignore_index=ignore_index,
-                                  with_cos=alpha > 0 or return_parts)
-    finish = functools.partial(assemble, labels=labels, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-                               shift=shift, return_parts=return_parts)
+                                  with_cos=alpha > 0 or return_parts, logit_scale=logit_scale, softcap=softcap,
+                                  label_smoothing=label_smoothing)
+    finish = functools.partial(assemble, labels=labels, weight=flat_weight, alpha=alpha, z_loss=z_loss,
+                               ignore_index=ignore_index, reduction=reduction, shift=shift, return_parts=return_parts)
     if logits.is_meta:  # shapes and dtypes only (see meta.py)
         return finish(*meta_rows(flat_logits, cos_shared=(embedding,), with_cos=options.with_cos))
     chosen = backends.resolve(backend, flat_logits, embedding)
     if gradient_now and chosen.is_kernel:
         loss, *terms = kernel_loss(chosen.ops, flat_logits, flat_labels, embedding, options, alpha=alpha,
-                                   reduction=reduction, inplace_grad=inplace_grad)
+                                   reduction=reduction, inplace_grad=inplace_grad, z_loss=z_loss, weight=flat_weight)
         return finish(*terms, loss=loss)
     return finish(*position_terms(chosen, flat_logits, flat_labels, embedding, options, inplace_grad=inplace_grad))
 
 
 def position_terms(backend: Backend, logits, labels, embedding, options: LossOptions, *, inplace_grad=False):
-    """``(ce, cos, correct)`` per position of ``logits [N, V]`` on the chosen backend: the reference
+    """``(ce, cos, correct, lse)`` per position of ``logits [N, V]`` on the chosen backend: the reference
     differentiated by autograd, a kernel through its autograd Function, or, while ``torch.compile``
     traces, through its custom op (one opaque node of the graph)."""
     if not backend.is_kernel:
@@ -128,7 +150,7 @@ def position_terms(backend: Backend, logits, labels, embedding, options: LossOpt
     return kernel_rows(backend.ops, logits, labels, embedding, options, inplace_grad=inplace_grad)
 
 
-def _grad_in_forward(option, reduction, return_parts, logits, embedding) -> bool:
+def _grad_in_forward(option, reduction, return_parts, logits, embedding, weight=None) -> bool:
     """Whether this call computes the gradient in the forward where a kernel backend runs (see
     ``mixed_loss``'s grad_in_forward)."""
     if option is False:
@@ -136,6 +158,12 @@ def _grad_in_forward(option, reduction, return_parts, logits, embedding) -> bool
     if option and reduction == "none":
         raise ValueError("grad_in_forward: expected reduction 'mean' or 'sum' (a scalar loss whose gradient the "
                          "forward can compute), got reduction='none'")
+    weight_grad = weight is not None and weight.requires_grad and torch.is_grad_enabled()
+    if option and weight_grad:
+        raise ValueError("grad_in_forward: the gradient computed in the forward has none for a weight that requires "
+                         "grad; pass grad_in_forward=False (or None) or weight.detach()")
+    if weight_grad:
+        return False
     if torch.compiler.is_compiling():
         return False
     if not torch.is_grad_enabled() or not (logits.requires_grad or embedding.requires_grad):
@@ -143,25 +171,29 @@ def _grad_in_forward(option, reduction, return_parts, logits, embedding) -> bool
     return bool(option) or (reduction != "none" and not return_parts)
 
 
-def assemble(ce_rows, cos_rows, correct, *, labels, alpha, ignore_index, reduction, shift, return_parts, loss=None):
-    """The loss (or a :class:`MixedLossOutput`) from the per-position ce_n, cos_n and
-    argmax == label of the flattened ``labels`` (already shifted when ``shift``); ``loss``,
-    when given, is the reduced loss already computed (with its own gradient)."""
+def assemble(ce_rows, cos_rows, correct, lse_rows, *, labels, weight, alpha, z_loss, ignore_index, reduction, shift,
+             return_parts, loss=None):
+    """The loss (or a :class:`MixedLossOutput`) from the per-position ce_n, cos_n, argmax == label and
+    lse_n of the flattened ``labels`` (already shifted when ``shift``) and ``weight``; ``loss``, when
+    given, is the reduced loss already computed (with its own gradient)."""
     valid = labels.reshape(-1) != ignore_index
-    dist_rows, per_position = loss_rows(ce_rows, cos_rows, valid, alpha)
+    weight = effective_weight(valid, weight, ce_rows.dtype)
+    rows = loss_rows(ce_rows, cos_rows, lse_rows, valid, alpha, z_loss=z_loss, weight=weight)
     n_valid = valid.sum()
+    divisor = mean_divisor(valid, weight, ce_rows.dtype)
     shape = labels.shape
     if loss is None:
-        loss = reduce_positions(per_position, n_valid, reduction, shape, shift)
+        loss = reduce_positions(rows.loss, divisor, reduction, shape, shift)
     if not return_parts:
         return loss
     return MixedLossOutput(
         loss=loss,
-        ce=reduce_positions(ce_rows, n_valid, reduction, shape, shift),
-        cos=reduce_positions(dist_rows, n_valid, reduction, shape, shift),
+        ce=reduce_positions(rows.ce, divisor, reduction, shape, shift),
+        cos=reduce_positions(rows.dist, divisor, reduction, shape, shift),
         n_valid=n_valid.detach(),
         n_correct=(correct & valid).sum().detach(),
         cos_sim_sum=torch.where(valid, cos_rows, torch.zeros_like(cos_rows)).sum().detach(),
+        z_loss=reduce_positions(rows.z_loss, divisor, reduction, shape, shift),
     )
 
 
@@ -170,3 +202,8 @@ def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     without copying the logits (their last position is simply ignored)."""
     pad = torch.full_like(labels[..., :1], ignore_index)
     return torch.cat([labels[..., 1:], pad], dim=-1)
+
+
+def shift_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight[..., t + 1] at position t (the weight goes with the label it weighs) and 0 at the last."""
+    return torch.cat([weight[..., 1:], torch.zeros_like(weight[..., :1])], dim=-1)

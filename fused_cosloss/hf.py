@@ -34,10 +34,23 @@ input, so the model's output "logits" are the last hidden states ``[B, T, H]``, 
 loss applies :func:`fused_cosloss.linear_mixed_loss` with the head's weight (and bias):
 no ``[B, T, V]`` tensor is built in training or evaluation. The switch is an instance-level
 ``forward`` of the head, made at construction and undone by :meth:`MixedLossForTrainer.restore_lm_head`;
-parameters, tying, state dicts and DDP wrapping are untouched. It is exact for models whose
-logits are ``lm_head(hidden)``; models that scale or soft-cap the logits after the head
-(Gemma 2, Cohere, Granite) would have that applied to the hidden states instead, so
-they are refused. The gradient-norm probe, which needs the logits, is off in this mode.
+parameters, tying, state dicts and DDP wrapping are untouched. Models that transform the logits
+after the head get the same transform from the loss, read from their config:
+``final_logit_softcapping`` (Gemma 2 and 3) as ``softcap``, ``logit_scale`` (Cohere) and
+``1 / logits_scaling`` (Granite) as ``logit_scale``; on the logits path the model has applied them
+already and nothing is applied twice (passing ``softcap`` / ``logit_scale`` for such a model is
+refused). A transform the loss does not know (``output_multiplier_scale``) is refused in this
+mode. The gradient-norm probe, which needs the logits, is off in this mode.
+
+Loss options: ``softcap``, ``logit_scale``, ``label_smoothing`` and ``z_loss`` are those of
+:func:`fused_cosloss.mixed_loss`. ``TrainingArguments(label_smoothing_factor=...)``, which the
+Trainer would otherwise not apply once a ``compute_loss_func`` is given, is taken over by
+:class:`MixedLossCallback` when ``label_smoothing`` is left at 0 (a different value in both
+raises). Training uses the smoothed cross-entropy; evaluation reports the model's own (unsmoothed)
+cross-entropy, so that ``eval_perplexity`` stays a perplexity. Per-position weights are not
+carried: ``compute_loss_func`` receives the outputs and the labels only (use
+:func:`fused_cosloss.mixed_loss` with ``weight`` and ``reduction="sum"`` in your own
+``compute_loss`` for them; the Trainer's ``num_items_in_batch`` counts tokens, not weights).
 
 Counting note: the Trainer counts ``num_items_in_batch`` over ``labels[..., 1:]`` only for
 models it knows shift their labels, and over all of ``labels`` otherwise (GPT-2 by default),
@@ -62,12 +75,34 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .validation import check_chunk_size, check_flag, check_ignore_index, check_scalars, real_number
+from .validation import (check_chunk_size, check_flag, check_ignore_index, check_loss_options, check_scalars,
+                         real_number)
 from .functional import mixed_loss
 from .linear import linear_mixed_loss
 
-# config attributes of models that transform the logits after the LM head
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# config attributes of models that transform the logits after the LM head, and the loss option each becomes
+_LOGIT_POSTPROCESSING = {"final_logit_softcapping": "softcap", "logit_scale": "logit_scale",
+                         "logits_scaling": "logit_scale", "output_multiplier_scale": None}
+
+
+def model_logit_options(model) -> dict:
+    """The loss options that reproduce what ``model`` does to its logits after the LM head, from its
+    (text) config: ``{"softcap": ..., "logit_scale": ...}`` with only the ones it sets; a transform
+    the loss has no option for raises ``ValueError``."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    options = {}
+    for name, option in _LOGIT_POSTPROCESSING.items():
+        value = getattr(config, name, None)
+        if value is None or value in (1, 1.0) and name != "final_logit_softcapping":
+            continue
+        if option is None:
+            raise ValueError(f"fused_linear=True: {type(model).__name__} transforms its logits after the LM head "
+                             f"(config.{name}={value}), which the fused loss has no option for")
+        value = real_number(f"config.{name}", value, "a number")
+        options[option] = 1.0 / value if name == "logits_scaling" else value
+    return options
 
 
 def causal_lm_labels(input_ids, ignore_index: int = -100):
@@ -119,6 +154,46 @@ def _logits_of(outputs):
 
 def _identity(hidden_states):
     return hidden_states
+
+
+def _logit_transform_settings(model) -> list[tuple[object, str, object]]:
+    """(object, attribute, neutral value) of every setting with which ``model``'s forward transforms
+    the head's output: the config's soft-cap and Granite's scaling, Cohere's ``logit_scale`` (kept
+    on the model itself)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    settings = []
+    if getattr(text, "final_logit_softcapping", None) is not None:
+        settings.append((text, "final_logit_softcapping", None))
+    if getattr(text, "logits_scaling", None) not in (None, 1, 1.0):
+        settings.append((text, "logits_scaling", 1.0))
+    for owner in (model, text):
+        if isinstance(getattr(owner, "logit_scale", None), (int, float)) and owner.logit_scale != 1:
+            settings.append((owner, "logit_scale", 1.0))
+    return settings
+
+
+def _suspend_logit_transform(model) -> list:
+    """Forward hooks that make the model's own post-head transform the identity while its forward
+    runs (the fused-linear head returns hidden states, which it must not cap or scale: the loss
+    applies the transform to the logits it computes) and put the settings back after it, also when
+    it raises. Outside a forward the config is untouched, so a checkpoint saves the model's own."""
+    settings = _logit_transform_settings(model)
+    if not settings:
+        return []
+    saved = []
+
+    def suspend(module, args, kwargs):
+        saved.append([(owner, name, getattr(owner, name)) for owner, name, _ in settings])
+        for owner, name, neutral in settings:
+            setattr(owner, name, neutral)
+
+    def restore(module, args, kwargs, output):
+        for owner, name, value in saved.pop():
+            setattr(owner, name, value)
+
+    return [model.register_forward_pre_hook(suspend, with_kwargs=True),
+            model.register_forward_hook(restore, with_kwargs=True, always_call=True)]
 
 
 def _all_reduce_sum(values: torch.Tensor, enabled: bool | None) -> torch.Tensor:
@@ -189,6 +264,9 @@ class MixedLossForTrainer:
             :func:`fused_cosloss.linear_mixed_loss`, never building the logits (see the module
             docstring); needs ``model``.
         chunk_size: positions per chunk of the fused-linear mode (None: its default).
+        logit_scale, softcap, label_smoothing, z_loss: the loss options of
+            :func:`fused_cosloss.mixed_loss` (the model's own scale and cap are read from its config
+            in the fused-linear mode: see the module docstring).
     """
 
     def __init__(
@@ -206,6 +284,10 @@ class MixedLossForTrainer:
         probe_grad_norms: bool = True,
         fused_linear: bool = False,
         chunk_size: int | None = None,
+        logit_scale: float | None = None,
+        softcap: float | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
     ):
         if model is None and (embedding is None or isinstance(embedding, str)):
             raise ValueError("MixedLossForTrainer: pass the model, or the embedding tensor (or a callable returning it)")
@@ -221,6 +303,8 @@ class MixedLossForTrainer:
         alpha, temperature, topk = check_scalars(alpha, temperature, topk, "sum", backend)
         ignore_index = check_ignore_index(ignore_index)
         chunk_size = check_chunk_size(chunk_size)
+        logit_scale, softcap, label_smoothing, z_loss = check_loss_options(logit_scale, softcap, label_smoothing,
+                                                                           z_loss)
         if isinstance(embedding, str) and embedding not in ("tied", "input", "output"):
             raise ValueError(f"embedding: expected a tensor, a callable, 'tied', 'input' or 'output', got {embedding!r}")
         self.model = model
@@ -240,7 +324,15 @@ class MixedLossForTrainer:
         self.fused_linear = fused_linear
         self.chunk_size = chunk_size
         self.probe_grad_norms = probe_grad_norms and not fused_linear
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.logit_options = {k: v for k, v in (("logit_scale", logit_scale), ("softcap", softcap)) if v is not None}
+        # what the model does to its logits after the head: the fused-linear mode must do it too
+        self.model_logit_options = model_logit_options(model) if fused_linear else {}
+        if model is not None:
+            self._refuse_twice(self.logit_options, model)
         self.probe_next = False
+        self._hooks = []
         # Sum the logged and evaluation counts over processes: None = whenever torch.distributed is
         # initialised; MixedLossCallback sets it from the Trainer's world size (a process group can
         # exist while the Trainer runs each process on its own).
@@ -259,22 +351,38 @@ class MixedLossForTrainer:
                              f"{type(head).__name__}")
         return head
 
+    @staticmethod
+    def _refuse_twice(given: dict, model) -> None:
+        """A scale or cap the model applies itself must not be given again."""
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        for name, option in _LOGIT_POSTPROCESSING.items():
+            value = getattr(config, name, None)
+            if option in given and value is not None and (value not in (1, 1.0) or name == "final_logit_softcapping"):
+                raise ValueError(
+                    f"{option}: {type(model).__name__} already applies config.{name}={value} to its logits (and the "
+                    f"fused-linear mode applies it from the config), so passing {option} would apply it twice; "
+                    f"leave {option}=None")
+
     def _head_passes_hidden_states(self) -> None:
-        config = getattr(self.model, "config", None)
-        for name in _LOGIT_POSTPROCESSING:
-            if getattr(config, name, None) not in (None, 1, 1.0):
-                raise ValueError(f"fused_linear=True: {type(self.model).__name__} transforms its logits after the "
-                                 f"LM head (config.{name}={getattr(config, name)}), which the fused loss does not")
         head = self._lm_head()
         head.forward = _identity
+        self._hooks = _suspend_logit_transform(self.model)
 
     def restore_lm_head(self) -> None:
         """Make the LM head compute logits again (undo ``fused_linear=True``)."""
         if self.fused_linear:
             self._lm_head().__dict__.pop("forward", None)
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
 
-    def _loss(self, inputs, labels, embedding, **options):
-        """mixed_loss on logits, or linear_mixed_loss on hidden states in the fused-linear mode."""
+    def _loss(self, inputs, labels, embedding, *, evaluating=False, **options):
+        """mixed_loss on logits, or linear_mixed_loss on hidden states in the fused-linear mode (with
+        the model's own scale and cap); ``evaluating``: without label smoothing."""
+        options.update(self.logit_options, z_loss=self.z_loss,
+                       label_smoothing=0.0 if evaluating else self.label_smoothing)
         if not self.fused_linear:
             # the Trainer divides the summed loss by num_items_in_batch: a gradient computed in the
             # forward would take one more pass over the logits to be scaled by it in the backward
@@ -282,7 +390,7 @@ class MixedLossForTrainer:
         head = self._lm_head()
         tied = embedding is head.weight
         return linear_mixed_loss(inputs, head.weight, labels, embedding=None if tied else embedding, bias=head.bias,
-                                 chunk_size=self.chunk_size, **options)
+                                 chunk_size=self.chunk_size, **self.model_logit_options, **options)
 
     # ---- the loss --------------------------------------------------------------------------
 
@@ -337,7 +445,8 @@ class MixedLossForTrainer:
             n_valid = (labels[..., 1:] != self.ignore_index).sum()
             ce_sum, cos_sum = total.detach(), None
         else:
-            parts = self._loss(logits, labels, embedding, alpha=alpha, return_parts=True, **options)
+            parts = self._loss(logits, labels, embedding, alpha=alpha, return_parts=True, evaluating=not training,
+                               **options)
             total, n_valid = parts.loss, parts.n_valid
             ce_sum, cos_sum = parts.ce.detach(), parts.cos.detach()
             if not training:
@@ -390,7 +499,8 @@ class MixedLossForTrainer:
         with torch.enable_grad():
             z = logits.detach().requires_grad_(True)
             table = embedding.detach().requires_grad_(embedding.requires_grad)
-            parts = mixed_loss(z, labels, table, alpha=alpha, return_parts=True, **options)
+            parts = mixed_loss(z, labels, table, alpha=alpha, return_parts=True, label_smoothing=self.label_smoothing,
+                               **self.logit_options, **options)
             n = parts.n_valid.clamp_min(1)
             (grad_ce,) = torch.autograd.grad(parts.ce / n, (z,), retain_graph=True)
             wrt = (z, table) if table.requires_grad else (z,)
@@ -519,6 +629,18 @@ class MixedLossCallback(_callback_base()):
 
     def on_init_end(self, args, state, control, **kwargs):
         self.loss_fn.sync_processes = args.world_size > 1
+        self.take_label_smoothing(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+
+    def take_label_smoothing(self, factor: float) -> None:
+        """``TrainingArguments.label_smoothing_factor``, which the Trainer does not apply once a
+        ``compute_loss_func`` is given: the loss takes it over (the same value in both is fine)."""
+        fn = self.loss_fn
+        if factor == 0.0 or factor == fn.label_smoothing:
+            return
+        if fn.label_smoothing != 0.0:
+            raise ValueError(f"label_smoothing: MixedLossForTrainer has {fn.label_smoothing} and "
+                             f"TrainingArguments.label_smoothing_factor is {factor}; set one of them")
+        fn.label_smoothing = check_loss_options(None, None, factor, 0.0)[2]
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.loss_fn.reset_train_stats()

@@ -11,8 +11,8 @@ from .linear_autograd import LinearMixedLossFunction, LinearMixedRowsFunction
 from .meta import meta_rows
 from .options import LossOptions
 from .validation import (check_chunk_size, check_flag, check_ignore_index, check_label_range, check_linear_tensors,
-                         check_scalars)
-from .functional import assemble, shift_labels
+                         check_loss_options, check_scalars, check_weight)
+from .functional import assemble, shift_labels, shift_weight
 
 # Default chunk: about this many logits at a time (V = 50257: 333 rows on CPU, 1335 on CUDA).
 CPU_CHUNK_ELEMENTS = 2**24
@@ -32,6 +32,11 @@ def linear_mixed_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     shift: bool = False,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    position_weight: torch.Tensor | None = None,
     backend: str = "auto",
     return_parts: bool = False,
     chunk_size: int | None = None,
@@ -60,6 +65,11 @@ def linear_mixed_loss(
         embedding: ``[V, H_e]`` token embedding of the cosine term; None (the default) uses
             ``weight`` (tied embeddings), and its gradient then adds to ``weight``'s.
         bias: ``[V]`` LM head bias or None.
+        logit_scale, softcap: applied to the logits ``hidden @ weight.T + bias`` as they are
+            computed (the model's ``logit_scale`` / ``1 / logits_scaling`` and
+            ``final_logit_softcapping``), by the kernel, chunk by chunk.
+        position_weight: the per-position weight ``mixed_loss`` calls ``weight`` (here ``weight``
+            is the LM head's).
         chunk_size: positions per chunk; None takes about 2**24 logits per chunk on CPU and
             2**26 on CUDA.
         The other arguments are those of :func:`fused_cosloss.mixed_loss`.
@@ -68,27 +78,32 @@ def linear_mixed_loss(
         What :func:`fused_cosloss.mixed_loss` returns on the logits ``hidden @ weight.T + bias``.
     """
     alpha, temperature, topk = check_scalars(alpha, temperature, topk, reduction, backend)
+    logit_scale, softcap, label_smoothing, z_loss = check_loss_options(logit_scale, softcap, label_smoothing, z_loss)
     ignore_index = check_ignore_index(ignore_index)
     check_flag("shift", shift)
     check_flag("return_parts", return_parts)
     check_linear_tensors(hidden, weight, labels, embedding, bias, shift)
+    check_weight(position_weight, labels, name="position_weight")
     chunk_size = check_chunk_size(chunk_size)
     vocab = weight.shape[0]
     if shift:
         labels = shift_labels(labels, ignore_index)
+        position_weight = None if position_weight is None else shift_weight(position_weight)
     check_label_range(labels, vocab, ignore_index)
     options = LossOptions.resolve(temperature=temperature, topk=topk, vocab=vocab, ignore_index=ignore_index,
-                                  with_cos=alpha > 0 or return_parts)
+                                  with_cos=alpha > 0 or return_parts, logit_scale=logit_scale, softcap=softcap,
+                                  label_smoothing=label_smoothing)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    finish = functools.partial(assemble, labels=labels, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-                               shift=shift, return_parts=return_parts)
+    flat_weight = None if position_weight is None else position_weight.reshape(-1)
+    finish = functools.partial(assemble, labels=labels, weight=flat_weight, alpha=alpha, z_loss=z_loss,
+                               ignore_index=ignore_index, reduction=reduction, shift=shift, return_parts=return_parts)
     if hidden.is_meta:  # shapes and dtypes only (see meta.py)
         return finish(*meta_rows(flat_hidden, shared=[t for t in (weight, bias) if t is not None],
                                  cos_shared=[embedding] if embedding is not None else [], with_cos=options.with_cos))
-    loss, ce_rows, cos_rows, correct = _chunked_terms(
+    loss, *terms = _chunked_terms(
         flat_hidden, weight, bias, embedding, labels.reshape(-1), options, backend=backend, chunk_size=chunk_size,
-        alpha=alpha, reduction=reduction)
-    return finish(ce_rows, cos_rows, correct, loss=loss)
+        alpha=alpha, reduction=reduction, z_loss=z_loss, position_weight=flat_weight)
+    return finish(*terms, loss=loss)
 
 
 def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
@@ -99,8 +114,9 @@ def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
 
 @compiler_marks.disable
 def _chunked_terms(hidden, weight, bias, embedding, labels, options: LossOptions, *, backend, chunk_size, alpha,
-                   reduction):
-    """(loss or None, ce, cos, correct) per position; the loss when it was computed with its gradient."""
+                   reduction, z_loss, position_weight):
+    """(loss or None, ce, cos, correct, lse) per position; the loss when it was computed with its gradient
+    (not for a position weight that requires grad: the loss is then assembled by autograd from the rows)."""
     hidden = hidden.contiguous()
     weight = weight.contiguous()
     table = weight if embedding is None else embedding
@@ -111,6 +127,7 @@ def _chunked_terms(hidden, weight, bias, embedding, labels, options: LossOptions
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
     args = (hidden, weight, bias, embedding, labels, ops, options, int(chunk))
     differentiable = [t for t in (hidden, weight, bias, embedding) if t is not None and t.requires_grad]
-    if reduction != "none" and differentiable and torch.is_grad_enabled():
-        return LinearMixedLossFunction.apply(*args, float(alpha), reduction)
+    weight_grad = position_weight is not None and position_weight.requires_grad
+    if reduction != "none" and differentiable and torch.is_grad_enabled() and not weight_grad:
+        return LinearMixedLossFunction.apply(*args, float(alpha), reduction, float(z_loss), position_weight)
     return (None, *LinearMixedRowsFunction.apply(*args))

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .autograd import Refusals, take_forward_gradients
-from .loss_math import loss_coefficients, reduced_loss
+from .loss_math import effective_weight, loss_coefficients, reduced_loss
 from .options import LossOptions
 from .protocol import forward_backward_rows
 from .reference import reference_rows
@@ -65,7 +65,7 @@ REFUSALS = Refusals(
         "its backward recomputes each chunk and builds a differentiable graph"),
     parts=(
         "linear_mixed_loss: with reduction='mean' or 'sum' the gradient is computed in the forward for the "
-        "loss only, so its .ce and .cos parts cannot be differentiated; use reduction='none' (and reduce "
+        "loss only, so its .ce, .cos and .z_loss parts cannot be differentiated; use reduction='none' (and reduce "
         "the per-position values yourself) to differentiate the parts"),
     second_backward=(
         "linear_mixed_loss: with reduction='mean' or 'sum' the gradient computed in the forward was handed "
@@ -77,79 +77,88 @@ REFUSALS = Refusals(
 
 
 class LinearMixedLossFunction(torch.autograd.Function):
-    """(loss, ce, cos, correct) from hidden states with the loss's gradients computed in the forward.
+    """(loss, ce, cos, correct, lse) from hidden states with the loss's gradients computed in the forward.
 
-    ``ce`` and ``cos`` (per position) are outputs for the parts and metrics only: a gradient
-    arriving through them is refused, since the forward computed the gradient of ``loss``."""
+    ``ce``, ``cos`` and ``lse`` (per position) are outputs for the parts and metrics only: a gradient
+    arriving through them is refused, since the forward computed the gradient of ``loss``. The
+    per-position weight is a constant here (``linear_mixed_loss`` does not take this path for one
+    that requires grad)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, embedding, labels, ops, options: LossOptions, chunk, alpha, reduction):
+    def forward(ctx, hidden, weight, bias, embedding, labels, ops, options: LossOptions, chunk, alpha, reduction,
+                z_loss, position_weight):
         ctx.set_materialize_grads(False)
         table = weight if embedding is None else embedding
         n = hidden.shape[0]
         grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], options.with_cos)
-        ce, cos, correct = _row_outputs(hidden, n)
+        ce, cos, correct, lse = _row_outputs(hidden, n)
         valid = labels != options.ignore_index
-        coef_ce, coef_cos, scale = loss_coefficients(valid, alpha, reduction, ce.dtype)
+        position_weight = effective_weight(valid, position_weight, ce.dtype)
+        coef_ce, coef_cos, coef_lse_square, scale = loss_coefficients(valid, alpha, reduction, ce.dtype,
+                                                                      weight=position_weight, z_loss=z_loss)
         buffer = _logits_buffer(hidden, weight, min(chunk, n))
         for start, end in _chunks(n, chunk):
             h, rows = hidden[start:end], slice(start, end)
             z = _chunk_logits(h, weight, bias, buffer)
             if not (grads.need_logits or grads.need_table):
-                ce[rows], cos[rows], correct[rows], _ = ops.forward_rows(z, labels[rows], table, options)
+                ce[rows], cos[rows], correct[rows], lse[rows], _ = ops.forward_rows(z, labels[rows], table, options)
                 continue
             # the chunk's gradient over its logits, the embedding's added to its accumulator
-            ce[rows], cos[rows], correct[rows], dz, dtab = forward_backward_rows(
+            ce[rows], cos[rows], correct[rows], lse[rows], dz, dtab = forward_backward_rows(
                 ops, z, labels[rows], table, coef_ce[rows], coef_cos[rows], options,
                 need_logits_grad=grads.need_logits, need_embedding_grad=grads.need_table, inplace=True,
-                embedding_grad_out=grads.float32_table())
+                embedding_grad_out=grads.float32_table(),
+                grad_lse_square=None if coef_lse_square is None else coef_lse_square[rows])
             grads.add_chunk(dz, dtab, h, weight, rows)
-        loss = reduced_loss(ce, cos, valid, alpha, scale)
+        loss = reduced_loss(ce, cos, lse, valid, alpha, scale, z_loss=z_loss, weight=position_weight)
         ctx.mark_non_differentiable(correct)
         ctx.gradients = grads
-        return loss, ce, cos, correct
+        return loss, ce, cos, correct, lse
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_ce, grad_cos, _grad_correct):
-        grads = take_forward_gradients(ctx, grad_ce, grad_cos, REFUSALS)
+    def backward(ctx, grad_loss, grad_ce, grad_cos, _grad_correct, grad_lse):
+        grads = take_forward_gradients(ctx, grad_ce, grad_cos, REFUSALS, grad_lse)
         if grad_loss is None:
-            return (None,) * 10
-        return (*grads.in_input_dtypes(grad_loss), None, None, None, None, None, None)
+            return (None,) * 12
+        return (*grads.in_input_dtypes(grad_loss), None, None, None, None, None, None, None, None)
 
 
 class LinearMixedRowsFunction(torch.autograd.Function):
-    """Per-position (ce, cos, correct) from ``hidden [N, H]``, ``weight [V, H]`` (and ``bias``,
+    """Per-position (ce, cos, correct, lse) from ``hidden [N, H]``, ``weight [V, H]`` (and ``bias``,
     ``embedding``), differentiable in hidden, weight, bias and embedding."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, embedding, labels, ops, options: LossOptions, chunk):
         table = weight if embedding is None else embedding
         n = hidden.shape[0]
-        ce, cos, correct = _row_outputs(hidden, n)
+        ce, cos, correct, lse = _row_outputs(hidden, n)
         saved_chunks = []
         buffer = _logits_buffer(hidden, weight, min(chunk, n))
         for start, end in _chunks(n, chunk):
             z = _chunk_logits(hidden[start:end], weight, bias, buffer)
-            ce_c, cos_c, correct_c, saved = ops.forward_rows(z, labels[start:end], table, options)
-            ce[start:end], cos[start:end], correct[start:end] = ce_c, cos_c, correct_c
+            ce_c, cos_c, correct_c, lse_c, saved = ops.forward_rows(z, labels[start:end], table, options)
+            ce[start:end], cos[start:end], correct[start:end], lse[start:end] = ce_c, cos_c, correct_c, lse_c
             saved_chunks.append(saved)
         ctx.mark_non_differentiable(correct)
         ctx.chunk_sizes = [len(saved) for saved in saved_chunks]
         ctx.save_for_backward(hidden, weight, bias, embedding, labels, *[t for s in saved_chunks for t in s])
         ctx.ops, ctx.options, ctx.chunk = ops, options, chunk
-        return ce, cos, correct
+        return ce, cos, correct, lse
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_cos, _grad_correct):
+    def backward(ctx, grad_ce, grad_cos, _grad_correct, grad_lse):
         hidden, weight, bias, embedding, labels, *flat = ctx.saved_tensors
         options, chunk = ctx.options, ctx.chunk
+        zeros = torch.zeros(hidden.shape[0], device=hidden.device, dtype=_row_outputs(hidden, 0)[0].dtype)
+        grad_ce = zeros if grad_ce is None else grad_ce.contiguous()
+        grad_cos = zeros if grad_cos is None else grad_cos.contiguous()
+        grad_lse = None if grad_lse is None else grad_lse.contiguous()
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-            return (*_differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, grad_cos,
+            return (*_differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, grad_cos, grad_lse,
                                               ctx.needs_input_grad[:4], options, chunk),
                     None, None, None, None)
         table = weight if embedding is None else embedding
         grads = _Gradients(hidden, weight, bias, embedding, ctx.needs_input_grad[:4], options.with_cos)
-        grad_ce, grad_cos = grad_ce.contiguous(), grad_cos.contiguous()
         buffer = _logits_buffer(hidden, weight, min(chunk, hidden.shape[0]))
         for (start, end), saved in zip(_chunks(hidden.shape[0], chunk), _unflatten(flat, ctx.chunk_sizes)):
             h, rows = hidden[start:end], slice(start, end)
@@ -157,7 +166,7 @@ class LinearMixedRowsFunction(torch.autograd.Function):
             dz, dtab = ctx.ops.backward_rows(
                 z, labels[rows], table, tuple(saved), grad_ce[rows], grad_cos[rows], options,
                 need_logits_grad=grads.need_logits, need_embedding_grad=grads.need_table,
-                embedding_grad_out=grads.float32_table())
+                embedding_grad_out=grads.float32_table(), grad_lse=None if grad_lse is None else grad_lse[rows])
             grads.add_chunk(dz, dtab, h, weight, rows)
         return (*grads.in_input_dtypes(), None, None, None, None)
 
@@ -211,7 +220,7 @@ def _chunks(n: int, chunk: int):
 def _row_outputs(hidden, n):
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     ce = torch.zeros(n, device=hidden.device, dtype=dtype)
-    return ce, torch.zeros_like(ce), torch.zeros(n, device=hidden.device, dtype=torch.bool)
+    return ce, torch.zeros_like(ce), torch.zeros(n, device=hidden.device, dtype=torch.bool), torch.zeros_like(ce)
 
 
 def _logits_buffer(hidden, weight, rows):
@@ -277,9 +286,10 @@ def _has_float32_output_mm(device, dtype, out_dtype) -> bool:
     return _FLOAT32_OUTPUT_MM[key]
 
 
-def _differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, grad_cos, needs,
+def _differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, grad_cos, grad_lse, needs,
                              options: LossOptions, chunk):
-    """(d hidden, d weight, d bias, d embedding) of ``sum_n grad_ce[n] ce_n + grad_cos[n] cos_n`` as a
+    """(d hidden, d weight, d bias, d embedding) of ``sum_n grad_ce[n] ce_n + grad_cos[n] cos_n
+    (+ grad_lse[n] lse_n)`` as a
     graph of differentiable ops, for a backward run with ``create_graph=True`` (a gradient penalty, a
     Hessian-vector product): the backends' hand-written backwards cannot be differentiated again, so
     each chunk's logits and rows are recomputed by the reference's formulation (differentiable to any
@@ -296,10 +306,12 @@ def _differentiable_backward(hidden, weight, bias, embedding, labels, grad_ce, g
     with torch.enable_grad():
         for start, end in _chunks(hidden.shape[0], chunk):
             h = hidden[start:end]
-            ce, cos, _ = reference_rows(F.linear(h, weight, bias), labels[start:end], table, options)
+            ce, cos, _, lse = reference_rows(F.linear(h, weight, bias), labels[start:end], table, options)
             objective = (grad_ce[start:end].to(ce.dtype) * ce).sum()
             if with_cos:
                 objective = objective + (grad_cos[start:end].to(cos.dtype) * cos).sum()
+            if grad_lse is not None:
+                objective = objective + (grad_lse[start:end].to(lse.dtype) * lse).sum()
             inputs = ([h] if need_hidden else []) + shared
             if objective.requires_grad:
                 grads = list(torch.autograd.grad(objective, inputs, create_graph=True, materialize_grads=True))

@@ -13,7 +13,7 @@ from .reference import compute_dtype
 
 
 def meta_rows(per_position: torch.Tensor, shared=(), cos_shared=(), *, with_cos: bool):
-    """``(ce_rows, cos_rows, correct)`` as meta tensors for the ``N`` rows of ``per_position``
+    """``(ce_rows, cos_rows, correct, lse_rows)`` as meta tensors for the ``N`` rows of ``per_position``
     (the ``[N, V]`` logits or the ``[N, H]`` hidden states); ``shared``: other inputs both
     terms depend on (the LM head weight, its bias), ``cos_shared``: those only the cosine does
     (the embedding)."""
@@ -26,7 +26,7 @@ def meta_rows(per_position: torch.Tensor, shared=(), cos_shared=(), *, with_cos:
         for tensor in cos_shared:
             cos = cos + _zero(tensor.sum(), dtype)
     correct = torch.zeros(per_position.shape[0], dtype=torch.bool, device=per_position.device)
-    return ce, cos, correct
+    return ce, cos, correct, ce
 
 
 def _zero(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .validation import check_chunk_size, check_flag, check_ignore_index, check_scalars
+from .validation import check_chunk_size, check_flag, check_ignore_index, check_loss_options, check_scalars
 from .functional import mixed_loss
 from .linear import linear_mixed_loss
 
@@ -12,9 +12,10 @@ from .linear import linear_mixed_loss
 class _LossModule(nn.Module):
     """The options both loss modules share, checked once at construction."""
 
-    def __init__(self, alpha, temperature, topk, ignore_index, reduction, shift, backend):
+    def __init__(self, alpha, temperature, topk, ignore_index, reduction, shift, backend, loss_options):
         super().__init__()
         alpha, temperature, topk = check_scalars(alpha, temperature, topk, reduction, backend)
+        self.logit_scale, self.softcap, self.label_smoothing, self.z_loss = check_loss_options(**loss_options)
         check_flag("shift", shift)
         self.alpha = alpha
         self.temperature = temperature
@@ -26,12 +27,20 @@ class _LossModule(nn.Module):
 
     def _options(self) -> dict:
         return dict(alpha=self.alpha, temperature=self.temperature, topk=self.topk, ignore_index=self.ignore_index,
-                    reduction=self.reduction, shift=self.shift, backend=self.backend)
+                    reduction=self.reduction, shift=self.shift, backend=self.backend, **self._loss_options())
+
+    def _loss_options(self) -> dict:
+        return dict(logit_scale=self.logit_scale, softcap=self.softcap, label_smoothing=self.label_smoothing,
+                    z_loss=self.z_loss)
 
     def extra_repr(self) -> str:
+        defaults = dict(logit_scale=None, softcap=None, label_smoothing=0.0, z_loss=0.0)
+        changed = "".join(f", {name}={value}" for name, value in self._loss_options().items()
+                          if value != defaults[name])
         return (
             f"alpha={self.alpha}, temperature={self.temperature}, topk={self.topk}, "
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, shift={self.shift}, backend={self.backend!r}"
+            f"{changed}"
         )
 
 
@@ -55,16 +64,24 @@ class MixedLoss(_LossModule):
         backend: str = "auto",
         inplace_grad: bool = False,
         grad_in_forward: bool | None = None,
+        *,
+        logit_scale: float | None = None,
+        softcap: float | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
     ):
-        super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend)
+        super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend,
+                         dict(logit_scale=logit_scale, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss))
         check_flag("inplace_grad", inplace_grad)
         check_flag("grad_in_forward", grad_in_forward, optional=True)
         self.inplace_grad = inplace_grad
         self.grad_in_forward = grad_in_forward
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, return_parts: bool = False):
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, return_parts: bool = False,
+                weight: torch.Tensor | None = None):
+        """The loss of ``logits`` against ``labels``; ``weight``: per-position weights (see :func:`mixed_loss`)."""
         return mixed_loss(logits, labels, embedding, return_parts=return_parts, inplace_grad=self.inplace_grad,
-                          grad_in_forward=self.grad_in_forward, **self._options())
+                          grad_in_forward=self.grad_in_forward, weight=weight, **self._options())
 
     def extra_repr(self) -> str:
         extra = ", inplace_grad=True" if self.inplace_grad else ""
@@ -85,14 +102,20 @@ class LinearMixedLoss(_LossModule):
     """
 
     def __init__(self, alpha: float = 0.5, temperature: float = 1.0, topk: int | None = 256, ignore_index: int = -100,
-                 reduction: str = "mean", shift: bool = False, backend: str = "auto", chunk_size: int | None = None):
-        super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend)
+                 reduction: str = "mean", shift: bool = False, backend: str = "auto", chunk_size: int | None = None, *,
+                 logit_scale: float | None = None, softcap: float | None = None, label_smoothing: float = 0.0,
+                 z_loss: float = 0.0):
+        super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend,
+                         dict(logit_scale=logit_scale, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss))
         self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                embedding: torch.Tensor | None = None, bias: torch.Tensor | None = None, return_parts: bool = False):
+                embedding: torch.Tensor | None = None, bias: torch.Tensor | None = None, return_parts: bool = False,
+                position_weight: torch.Tensor | None = None):
+        """The loss of ``hidden @ weight.T + bias`` against ``labels``; ``position_weight``: per-position
+        weights (see :func:`linear_mixed_loss`)."""
         return linear_mixed_loss(hidden, weight, labels, embedding=embedding, bias=bias, return_parts=return_parts,
-                                 chunk_size=self.chunk_size, **self._options())
+                                 chunk_size=self.chunk_size, position_weight=position_weight, **self._options())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

@@ -20,13 +20,15 @@ from .options import LossOptions
 
 
 class RowsForward(NamedTuple):
-    """What ``forward_rows`` returns: ``[N]`` ce_n, cos_n, argmax == label (bool), and the state
-    the backward needs (a tuple of tensors of a fixed arity per backend and ``with_cos``;
-    O(N * (K + H)) memory at most)."""
+    """What ``forward_rows`` returns: ``[N]`` ce_n, cos_n, argmax == label (bool), lse_n (the
+    log-sum-exp of the transformed row, what the z-loss squares), and the state the backward
+    needs (a tuple of tensors of a fixed arity per backend and ``with_cos``; O(N * (K + H))
+    memory at most). ce, cos and lse are 0 at ignored positions."""
 
     ce: torch.Tensor
     cos: torch.Tensor
     correct: torch.Tensor
+    lse: torch.Tensor
     saved: tuple
 
 
@@ -46,27 +48,34 @@ class KernelBackend(Protocol):
 
     def backward_rows(self, logits, labels, embedding, saved: tuple, grad_ce, grad_cos, options: LossOptions, *,
                       need_logits_grad: bool, need_embedding_grad: bool, inplace: bool = False,
-                      embedding_grad_out: Optional[torch.Tensor] = None):
+                      embedding_grad_out: Optional[torch.Tensor] = None, grad_lse: Optional[torch.Tensor] = None):
         """``(dlogits, dembedding)``: the gradients (docs/spec.md) of
-        ``sum_n grad_ce[n] * ce_n + grad_cos[n] * cos_n`` (``grad_*`` ``[N]`` float32/float64) in
-        the dtypes of logits and embedding, None where not needed (the embedding's always when
-        ``with_cos`` is False). ``inplace``: the logits gradient is written over ``logits`` and
-        that tensor returned. ``embedding_grad_out``: a float32 ``[V, H]`` tensor the embedding
-        gradient is added to unrounded (None is then returned for it)."""
+        ``sum_n grad_ce[n] * ce_n + grad_cos[n] * cos_n + grad_lse[n] * lse_n`` (``grad_*`` ``[N]``
+        float32/float64; ``grad_lse`` None: no lse term) in the dtypes of logits and embedding,
+        None where not needed (the embedding's always when ``with_cos`` is False). ``inplace``:
+        the logits gradient is written over ``logits`` and that tensor returned.
+        ``embedding_grad_out``: a float32 ``[V, H]`` tensor the embedding gradient is added to
+        unrounded (None is then returned for it)."""
 
 
 def forward_backward_rows(ops, logits, labels, embedding, grad_ce, grad_cos, options: LossOptions, *,
                           need_logits_grad: bool, need_embedding_grad: bool, inplace: bool = False,
-                          embedding_grad_out: Optional[torch.Tensor] = None):
-    """``(ce, cos, correct, dlogits, dembedding)``: ``forward_rows`` and ``backward_rows`` for
-    coefficients ``grad_ce`` / ``grad_cos`` known in the forward. A backend that can write the
-    gradient in the pass that reads the logits (Triton) provides ``forward_backward_rows`` with
-    these arguments; for the others it is composed from the two calls."""
+                          embedding_grad_out: Optional[torch.Tensor] = None,
+                          grad_lse_square: Optional[torch.Tensor] = None):
+    """``(RowsForward without saved, dlogits, dembedding)`` as ``(ce, cos, correct, lse, dlogits,
+    dembedding)``: ``forward_rows`` and ``backward_rows`` for coefficients known in the forward,
+    ``grad_ce`` / ``grad_cos`` on ce_n / cos_n and ``grad_lse_square`` on lse_n ** 2 (the z-loss:
+    the lse coefficient is then ``2 * grad_lse_square * lse_n``, known once the row's lse is).
+    A backend that can write the gradient in the pass that reads the logits (Triton) provides
+    ``forward_backward_rows`` with these arguments; for the others it is composed from the two
+    calls."""
     kwargs = dict(need_logits_grad=need_logits_grad, need_embedding_grad=need_embedding_grad, inplace=inplace,
                   embedding_grad_out=embedding_grad_out)
     fused = getattr(ops, "forward_backward_rows", None)
     if fused is not None:
-        return fused(logits, labels, embedding, grad_ce, grad_cos, options, **kwargs)
-    ce, cos, correct, saved = ops.forward_rows(logits, labels, embedding, options)
-    dlogits, dembedding = ops.backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options, **kwargs)
-    return ce, cos, correct, dlogits, dembedding
+        return fused(logits, labels, embedding, grad_ce, grad_cos, options, grad_lse_square=grad_lse_square, **kwargs)
+    ce, cos, correct, lse, saved = ops.forward_rows(logits, labels, embedding, options)
+    grad_lse = None if grad_lse_square is None else 2.0 * grad_lse_square * lse
+    dlogits, dembedding = ops.backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options,
+                                            grad_lse=grad_lse, **kwargs)
+    return ce, cos, correct, lse, dlogits, dembedding

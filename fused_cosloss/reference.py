@@ -151,17 +151,37 @@ def tempered_softmax(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax((z - z.amax(dim=-1, keepdim=True).detach()) / temperature, dim=-1)
 
 
-def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """ce_n = log sum_v exp(z_nv - m_n) - (z_n[y_n] - m_n), with m_n the row's maximum.
+def cross_entropy(z: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0):
+    """(ce_n, lse_n): ce_n = log sum_v exp(z_nv - m_n) - (z_n[y_n] - m_n), m_n the row's maximum,
+    and lse_n = m_n + log sum_v exp(z_nv - m_n).
 
     Relative to the maximum, as ``log_softmax`` is: ``logsumexp(z) - z_y`` would round the
     log-sum-exp to the precision of |z| first (1e30 + log 2 == 1e30 in float32), and that
     rounding would reach ce and its gradient. An infinite maximum shifts by 0, as
-    ``torch.logsumexp`` does."""
+    ``torch.logsumexp`` does. With ``label_smoothing`` epsilon > 0, ce_n is
+    ``log_sum - (1 - epsilon) (z_y - m) - epsilon (mean_v z_v - m)``, the cross-entropy of
+    ``F.cross_entropy(label_smoothing=epsilon)`` (the term is left out, not multiplied by 0,
+    when epsilon = 0)."""
     m = z.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     shifted = z - m
-    return torch.logsumexp(shifted, dim=-1) - shifted.gather(1, y[:, None]).squeeze(1)
+    log_sum = torch.logsumexp(shifted, dim=-1)
+    target = shifted.gather(1, y[:, None]).squeeze(1)
+    if label_smoothing:
+        ce = log_sum - (1.0 - label_smoothing) * target - label_smoothing * shifted.mean(dim=-1)
+    else:
+        ce = log_sum - target
+    return ce, log_sum + m.squeeze(1)
+
+
+def transformed_logits(z: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """The row every term is computed from: ``c * tanh(s * z / c)`` (docs/spec.md, "Loss options");
+    ``z`` itself when neither option is on."""
+    if options.logit_scale != 1.0:
+        z = z * options.logit_scale
+    if options.softcap is not None:
+        z = options.softcap * torch.tanh(z / options.softcap)
+    return z
 
 
 def cosine(mu: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -179,8 +199,9 @@ def reference_rows(logits: torch.Tensor, labels: torch.Tensor, embedding: torch.
             vocabulary; ``with_cos=False`` skips the cosine term, whose rows are then zero).
 
     Returns:
-        ``(ce, cos, correct)``, each ``[N]``: ce_n and cos_n in the compute dtype, zero at
-        ignored positions, and whether argmax(z_n) == y_n.
+        ``(ce, cos, correct, lse)``, each ``[N]``: ce_n and cos_n in the compute dtype, zero at
+        ignored positions, whether argmax(z'_n) == y_n, and lse_n, the log-sum-exp of the
+        transformed row z'_n (zero at ignored positions).
     """
     with autocast_off(logits.device):
         return _reference_rows(logits, labels, embedding, options)
@@ -204,10 +225,10 @@ def _reference_rows(logits, labels, embedding, options: LossOptions):
     # Ignored rows are left out (their logits may be anything, NaN included, and get exact
     # zero gradients); when every row is valid the logits are used without a copy.
     all_valid = rows.numel() == n
-    z = (logits if all_valid else logits.index_select(0, rows)).to(dtype)
+    z = transformed_logits((logits if all_valid else logits.index_select(0, rows)).to(dtype), options)
     y = (labels if all_valid else labels.index_select(0, rows)).long()
 
-    ce = cross_entropy(z, y)
+    ce, lse = cross_entropy(z, y, options.label_smoothing)
     correct = z.argmax(dim=-1) == y
     if options.with_cos:
         table = embedding.to(dtype)
@@ -218,7 +239,7 @@ def _reference_rows(logits, labels, embedding, options: LossOptions):
     def scatter(values: torch.Tensor) -> torch.Tensor:
         return values if all_valid else values.new_zeros(n).index_copy(0, rows, values)
 
-    return scatter(ce), scatter(cos), scatter(correct)
+    return scatter(ce), scatter(cos), scatter(correct), scatter(lse)
 
 
 def _reference_rows_traceable(logits, labels, embedding, options: LossOptions, dtype):
@@ -227,10 +248,10 @@ def _reference_rows_traceable(logits, labels, embedding, options: LossOptions, d
     gradients are exact zeros through ``torch.where``), and their results are zeroed."""
     valid = labels != options.ignore_index
     zero = torch.zeros((), device=logits.device, dtype=dtype)
-    z = torch.where(valid[:, None], logits.to(dtype), zero)
+    z = transformed_logits(torch.where(valid[:, None], logits.to(dtype), zero), options)
     y = torch.where(valid, labels.long(), torch.zeros_like(labels, dtype=torch.long))
 
-    ce = cross_entropy(z, y)
+    ce, lse = cross_entropy(z, y, options.label_smoothing)
     correct = (z.argmax(dim=-1) == y) & valid
     if options.with_cos:
         table = embedding.to(dtype)
@@ -238,4 +259,4 @@ def _reference_rows_traceable(logits, labels, embedding, options: LossOptions, d
         cos = torch.where(valid, cos, zero)
     else:
         cos = torch.zeros_like(ce)
-    return torch.where(valid, ce, zero), cos, correct
+    return torch.where(valid, ce, zero), cos, correct, torch.where(valid, lse, zero)

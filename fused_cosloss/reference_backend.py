@@ -22,15 +22,15 @@ def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | N
 
 
 def forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:
-    """Per-row ce, cos, correct of the reference; nothing is saved (the backward recomputes)."""
+    """Per-row ce, cos, correct, lse of the reference; nothing is saved (the backward recomputes)."""
     with torch.no_grad():
-        ce, cos, correct = reference_rows(logits, labels, embedding, options)
-    return RowsForward(ce, cos, correct, ())
+        ce, cos, correct, lse = reference_rows(logits, labels, embedding, options)
+    return RowsForward(ce, cos, correct, lse, ())
 
 
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options: LossOptions, *,
-                  need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
-    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n, by autograd of the recomputed rows
+                  need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None, grad_lse=None):
+    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n (+ grad_lse[n] lse_n), by autograd of the recomputed rows
     (``inplace``: copied into the logits' storage; ``embedding_grad_out``: added to that tensor).
 
     The embedding is differentiated as the compute-dtype (float32) table the rows use, so that the
@@ -42,10 +42,12 @@ def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options: 
     with torch.enable_grad():
         logits = logits.detach().requires_grad_(need_logits_grad)
         table = embedding.detach().to(compute_dtype(logits.dtype)).requires_grad_(need_embedding_grad)
-        ce, cos, _ = reference_rows(logits, labels, table, options)
+        ce, cos, _, lse = reference_rows(logits, labels, table, options)
         objective = (grad_ce.to(ce.dtype) * ce).sum()
         if with_cos:
             objective = objective + (grad_cos.to(cos.dtype) * cos).sum()
+        if grad_lse is not None:
+            objective = objective + (grad_lse.to(lse.dtype) * lse).sum()
         inputs = [t for t, needed in ((logits, need_logits_grad), (table, need_embedding_grad)) if needed]
         if inputs and objective.requires_grad:
             grads = list(torch.autograd.grad(objective, inputs, allow_unused=True))

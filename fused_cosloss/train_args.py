@@ -9,6 +9,7 @@ or from a JSON file given as the only argument.
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 import sys
@@ -136,6 +137,9 @@ class MixedLossArguments:
         "help": "ramp alpha linearly from 0 over this fraction of the training steps"})
     detach_cos_embedding: bool = field(default=False, metadata={
         "help": "no direct gradient from the cosine term into the embedding (it acts through the logits)"})
+    z_loss: float = field(default=0.0, metadata={
+        "help": "weight of the z-loss, z_loss * logsumexp(logits)^2 per token (label smoothing: the Trainer's "
+                "--label_smoothing_factor; a model's own logit scale or soft-cap is read from its config)"})
     backend: Literal["auto", "reference", "native", "triton"] = "auto"
     fused_linear: bool = field(default=False, metadata={
         "help": "compute the loss from the hidden states and the LM head weight, never building [B, T, V] logits "
@@ -157,6 +161,8 @@ class MixedLossArguments:
             raise ValueError(f"--alpha: expected a value in [0, 1], got {self.alpha}")
         if not 0.0 <= self.alpha_warmup <= 1.0:
             raise ValueError(f"--alpha_warmup: expected a fraction in [0, 1], got {self.alpha_warmup}")
+        if not (math.isfinite(self.z_loss) and self.z_loss >= 0.0):
+            raise ValueError(f"--z_loss: expected a finite value >= 0, got {self.z_loss}")
 
 
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -196,3 +196,39 @@ def check_chunk_size(chunk_size):
 def check_ignore_index(ignore_index) -> int:
     """The label value that marks skipped positions: any integer (returned as an int)."""
     return integer("ignore_index", ignore_index, "an integer")
+
+
+def check_loss_options(logit_scale, softcap, label_smoothing, z_loss):
+    """Check the loss options of docs/spec.md ("Loss options"); returns them as Python numbers
+    (``logit_scale`` and ``softcap`` may stay None: off)."""
+    if logit_scale is not None:
+        logit_scale = real_number("logit_scale", logit_scale, "a finite number > 0 or None")
+        if not math.isfinite(logit_scale) or logit_scale <= 0.0:
+            raise ValueError(f"logit_scale: expected a finite value > 0 or None, got {logit_scale}")
+    if softcap is not None:
+        softcap = real_number("softcap", softcap, "a finite number > 0 or None")
+        if not math.isfinite(softcap) or softcap <= 0.0:
+            raise ValueError(f"softcap: expected a finite value > 0 or None (no cap), got {softcap}")
+    label_smoothing = real_number("label_smoothing", label_smoothing, "a number in [0, 1]")
+    if not (0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+    z_loss = real_number("z_loss", z_loss, "a finite number >= 0")
+    if not math.isfinite(z_loss) or z_loss < 0.0:
+        raise ValueError(f"z_loss: expected a finite value >= 0, got {z_loss}")
+    return logit_scale, softcap, label_smoothing, z_loss
+
+
+def check_weight(weight, labels: torch.Tensor, name: str = "weight") -> None:
+    """The per-position weight: None, or a floating tensor of the labels' shape on their device."""
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: expected None or a floating torch.Tensor of the labels' shape (one weight per "
+                        f"position), got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype (one weight per position), got {weight.dtype}")
+    if weight.shape != labels.shape:
+        raise ValueError(f"{name}: expected the labels' shape {tuple(labels.shape)} (one weight per position; "
+                         f"not per class), got {tuple(weight.shape)}")
+    if weight.device != labels.device:
+        raise ValueError(f"{name}: expected a tensor on the labels' device {labels.device}, got {weight.device}")

@@ -71,9 +71,9 @@ def gradient_tolerance(dtype, temperature: float) -> float:
 # Run, backprop, compare: the one pair every agreement test goes through
 
 
-OUTPUT_NAMES = ("loss", "ce", "cos", "n_valid", "n_correct", "cos_sim_sum")
+OUTPUT_NAMES = ("loss", "ce", "cos", "n_valid", "n_correct", "cos_sim_sum", "z_loss")
 RELATIVE_FLOOR = 1e-30  # assert_close_rel's default: the error relative to the largest entry alone
-UNIT_FLOORS = {"loss": 1.0, "ce": 1.0, "cos": 1.0, "cos_sim_sum": 1.0, "grad": RELATIVE_FLOOR}
+UNIT_FLOORS = {"loss": 1.0, "ce": 1.0, "cos": 1.0, "cos_sim_sum": 1.0, "z_loss": 1.0, "grad": RELATIVE_FLOOR}
 """Floors for ``assert_agrees`` that do not depend on the reduction: every value against
 max(|expected|, 1), every gradient relative to its largest entry."""
 
@@ -130,7 +130,7 @@ def _natural_floors(reduction, n_valid):
     of them is O(N_valid)) and a gradient's (O(1), O(1 / N_valid) under the mean, however small
     softmax - onehot or 1 - cos happens to be)."""
     value = float(max(1, n_valid)) if reduction == "sum" else 1.0
-    return {"loss": value, "ce": value, "cos": value, "cos_sim_sum": float(max(1, n_valid)),
+    return {"loss": value, "ce": value, "cos": value, "z_loss": value, "cos_sim_sum": float(max(1, n_valid)),
             "grad": 1.0 / max(1, n_valid) if reduction == "mean" else 1.0}
 
 
@@ -138,8 +138,9 @@ def assert_agrees(actual, expected, *, rel, grad_rel=None, reduction="mean", wha
     """``actual`` agrees with ``expected`` (both from ``run_and_backprop``):
 
     - n_valid and n_correct exactly equal;
-    - loss, ce, cos and cos_sim_sum to ``rel`` (``assert_close_rel``), and cos_sim_sum's error also
-      within rel * max(1, N_valid) (a sum of cosines in [-1, 1] can cancel; NaN fails);
+    - loss, ce, cos and cos_sim_sum (and z_loss where either side has it: then both must) to ``rel``
+      (``assert_close_rel``), and cos_sim_sum's error also within rel * max(1, N_valid) (a sum of
+      cosines in [-1, 1] can cancel; NaN fails);
     - the same gradients (by input name), none missing, of the same dtype, to ``grad_rel`` (else ``rel``).
 
     Every comparison is against max(|expected|, floor). The floors are by default those of one
@@ -151,10 +152,14 @@ def assert_agrees(actual, expected, *, rel, grad_rel=None, reduction="mean", wha
     for key in ("n_valid", "n_correct"):
         assert int(actual[key]) == int(expected[key]), f"{prefix}{key}: {int(actual[key])} != {int(expected[key])}"
     n_valid = int(expected["n_valid"])
-    unknown = set(floors or {}) - {"loss", "ce", "cos", "cos_sim_sum", "grad"}
+    unknown = set(floors or {}) - {"loss", "ce", "cos", "cos_sim_sum", "z_loss", "grad"}
     assert not unknown, f"floors for unknown keys {sorted(unknown)}"
     floor = {**_natural_floors(reduction, n_valid), **(floors or {})}
-    for key in ("loss", "ce", "cos", "cos_sim_sum"):
+    values = ("loss", "ce", "cos", "cos_sim_sum")
+    if "z_loss" in actual or "z_loss" in expected:
+        assert "z_loss" in actual and "z_loss" in expected, f"{prefix}z_loss on one side only"
+        values += ("z_loss",)
+    for key in values:
         assert_close_rel(actual[key], expected[key], rel, prefix + key, floor=floor[key])
     error = abs(float(actual["cos_sim_sum"]) - float(expected["cos_sim_sum"]))
     assert error <= rel * max(1, n_valid), f"{prefix}cos_sim_sum: error {error:.3e} > {rel:.1e} * {max(1, n_valid)}"

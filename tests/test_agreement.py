@@ -115,7 +115,7 @@ def test_shift_matches_sliced_inputs(backend, reduction, gen):
     expected = evaluate(oracle_fn(**options), sliced_logits, sliced_labels, embedding, flat_weights)
     if reduction == "none":
         assert shifted["loss"].shape == (batch, time - 1)
-        for key in ("loss", "ce", "cos"):
+        for key in ("loss", "ce", "cos", "z_loss"):
             shifted[key] = shifted[key].reshape(-1)
     assert torch.all(shifted["dlogits"][:, -1] == 0), "the last position has no target after the shift"
     shifted["dlogits"] = shifted["dlogits"][:, :-1].reshape(-1, vocab)

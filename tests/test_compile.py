@@ -11,6 +11,7 @@ import torch
 
 from fused_cosloss import mixed_loss
 from fused_cosloss import compile_ops  # noqa: F401  (registers the ops)
+from fused_cosloss.options import LossOptions
 
 from conftest import BACKEND_PARAMS, backend_or_skip
 from helpers import UNIT_FLOORS, assert_agrees, assert_close_rel, make_inputs, run_and_backprop
@@ -127,4 +128,4 @@ def test_custom_ops_opcheck(backend, with_cos, gen):
     logits.requires_grad_(True)
     embedding.requires_grad_(True)
     torch.library.opcheck(torch.ops.fused_cosloss.rows_forward.default,
-                          (name, logits, labels, embedding, 0.7, 4, -100, with_cos))
+                          (name, logits, labels, embedding, *LossOptions(0.7, 4, -100, with_cos).as_schema_args()))

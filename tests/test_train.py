@@ -78,7 +78,7 @@ def test_eval_metrics_are_sums_of_the_loss_pass():
     metrics = fn.compute_metrics(None)
     z = torch.cat([lg[:, :-1].reshape(-1, 40) for lg, _ in batches]).float()
     y = torch.cat([lb[:, 1:].reshape(-1) for _, lb in batches])
-    ce, cos, correct = reference_rows(z, y, fn.embedding, LossOptions(1.0, 6, -100, True))
+    ce, cos, correct, _ = reference_rows(z, y, fn.embedding, LossOptions(1.0, 6, -100, True))
     valid = y != -100
     n = int(valid.sum())
     assert metrics["tokens"] == n
@@ -204,7 +204,7 @@ def test_trainer_eval_metrics_equal_full_logits(hf, tmp_path):
     y = batch["labels"][:, 1:].reshape(-1)
     valid = y != -100
     ce = F.cross_entropy(z, y, ignore_index=-100)
-    _, cos, _ = reference_rows(z, y, model.get_input_embeddings().weight, LossOptions(0.7, 10, -100, True))
+    _, cos, _, _ = reference_rows(z, y, model.get_input_embeddings().weight, LossOptions(0.7, 10, -100, True))
     assert metrics["eval_tokens"] == int(valid.sum())
     assert metrics["eval_ce_loss"] == pytest.approx(ce.item(), rel=1e-5)
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(ce.item()), rel=1e-5)
@@ -246,10 +246,10 @@ def test_trainer_fused_linear_takes_the_same_step_and_metrics(hf, tmp_path, tied
         assert metrics_fused[key] == pytest.approx(metrics[key], rel=1e-5), key
 
 
-def test_fused_linear_refuses_models_that_rescale_logits(hf):
+def test_fused_linear_refuses_a_logit_transform_it_has_no_option_for(hf):
     model = _tiny_model(hf)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    model.config.output_multiplier_scale = 0.5
+    with pytest.raises(ValueError, match="output_multiplier_scale"):
         MixedLossForTrainer(model, fused_linear=True)
 
 
