@@ -19,10 +19,18 @@
 //   4. w = softmax(z_S / T); mu = sum w_i E[i] (the gather, skipping w_i == 0);
 //      cos; g = dcos/dmu and g_e = dcos/de; s_i = E[i] . g while those rows are
 //      still in cache; c_i = w_i (s_i - sum_j w_j s_j) / T.
-//   Saved: stats [N,3] = (m, logsum, cos), idx [N,K] int32, w [N,K], c [N,K], g2 [N,2,H].
+//   Saved: stats [N,3] = (m, logsum, cos), idx [N,K] int32, w [N,K], c [N,K], g2 [N,2,H];
+//   returned beside ce, cos and correct: lse = m + logsum.
+// Loss options (docs/spec.md, "Loss options"; each skipped entirely when off): with a logit
+//   scale or a soft-cap the row is transformed, z' = c tanh(s z / c), into the row buffer before
+//   pass 1, and everything above reads z' (max, ce, S and its tie rule, w, argmax); label
+//   smoothing adds sum_v (z'_v - m) to pass 2: ce = logsum - (1 - eps)(z'_y - m) - eps mean(z' - m).
 // Backward:
 //   dz_n = grad_ce_n * (exp((z_n - m_n) - logsum_n) - onehot(y_n)), plus grad_cos_n * c at S,
 //   built in L1-sized float tiles and written once per element with streaming stores;
+//   with the options, z' is recomputed from z in registers as the tile is built, the
+//   smoothing and lse terms join the dense term, which is multiplied by dz'/dz there, and
+//   the terms at y and S are multiplied by dz'/dz at their entries (kept in L1 for them);
 //   dE: the (vocabulary row, contribution) pairs grad_cos_n * w_{n,i} * g_n and
 //   grad_cos_n * g_e,n are counting-sorted by vocabulary row (CSR, fixed order), then
 //   each vocabulary row is summed by one thread in that order: deterministic and
@@ -145,9 +153,12 @@ struct ForwardRows {
   float temperature;
   int64_t ignore_index;
   bool with_cos;
+  LogitTransform transform;
+  float smoothing;  // label smoothing epsilon; 0: off
   float* ce;
   float* cosv;
   bool* correct;
+  float* lse;
   float* stats;
   int32_t* idx;
   float* w;
@@ -159,7 +170,7 @@ struct ForwardRows {
   std::vector<Cand> cand, tmp;
 
   void init_scratch() {
-    if (!std::is_same_v<TL, float>) zbuf.resize(s.vocab);
+    if (!std::is_same_v<TL, float> || transform.active()) zbuf.resize(s.vocab);
     bmax.resize(s.nblocks);
     bsel.resize(s.nblocks);
     if (with_cos) {
@@ -181,6 +192,7 @@ struct ForwardRows {
     ce[n] = 0.f;
     cosv[n] = 0.f;
     correct[n] = false;
+    lse[n] = 0.f;
     stats[3 * n] = 0.f;
     stats[3 * n + 1] = 0.f;
     stats[3 * n + 2] = 0.f;
@@ -203,6 +215,10 @@ struct ForwardRows {
     }
     const int64_t V = s.vocab, bs = s.bs;
     const float* z = row_as_float(logits + n * s.row_stride, V, zbuf);
+    if (transform.active()) {  // z' of the loss options, into the row buffer: everything below reads it
+      transform.row(z, zbuf.data(), V);
+      z = zbuf.data();
+    }
 
     // Pass 1: block maxima, row max, NaN check.
     Vec nan_probe(-kInf);
@@ -239,18 +255,14 @@ struct ForwardRows {
     // Pass 2: the log-sum relative to the max (torch.logsumexp's convention for an infinite max: shift 0).
     const float shift = std::isinf(m) ? 0.f : m;
     {
-      const Vec sh(shift);
-      Vec a0(0.f), a1(0.f);
-      int64_t j = 0;
-      for (; j + 2 * kVec <= V; j += 2 * kVec) {
-        a0 = a0 + vexp(Vec::loadu(z + j) - sh);
-        a1 = a1 + vexp(Vec::loadu(z + j + kVec) - sh);
+      float offsets = 0.f;  // sum_v (z_v - m), for the smoothing term only (skipped, not weighed by 0, without it)
+      const float logsum = std::log(smoothing == 0.f ? sum_exp(z, shift) : sum_exp(z, shift, &offsets));
+      if (smoothing == 0.f) {
+        ce[n] = logsum - (z[y] - shift);
+      } else {  // ce = logsum - (1 - eps) (z_y - m) - eps mean_v (z_v - m)
+        ce[n] = logsum - (1.f - smoothing) * (z[y] - shift) - smoothing * (offsets / static_cast<float>(V));
       }
-      for (; j + kVec <= V; j += kVec) a0 = a0 + vexp(Vec::loadu(z + j) - sh);
-      float sum = hsum(a0 + a1);
-      for (; j < V; ++j) sum += std::exp(z[j] - shift);
-      const float logsum = std::log(sum);
-      ce[n] = logsum - (z[y] - shift);
+      lse[n] = shift + logsum;
       stats[3 * n] = shift;
       stats[3 * n + 1] = logsum;
     }
@@ -264,6 +276,44 @@ struct ForwardRows {
     int32_t* S = idx + n * s.k;
     select_topk(z, S);
     cosine_row(n, z, y, m, S);
+  }
+
+  // sum_v exp(z_v - shift) over the row; with `offsets`, also sum_v (z_v - shift) there.
+  float sum_exp(const float* z, float shift, float* offsets = nullptr) const {
+    const int64_t V = s.vocab;
+    const Vec sh(shift);
+    Vec a0(0.f), a1(0.f);
+    int64_t j = 0;
+    if (offsets == nullptr) {
+      for (; j + 2 * kVec <= V; j += 2 * kVec) {
+        a0 = a0 + vexp(Vec::loadu(z + j) - sh);
+        a1 = a1 + vexp(Vec::loadu(z + j + kVec) - sh);
+      }
+      for (; j + kVec <= V; j += kVec) a0 = a0 + vexp(Vec::loadu(z + j) - sh);
+      float sum = hsum(a0 + a1);
+      for (; j < V; ++j) sum += std::exp(z[j] - shift);
+      return sum;
+    }
+    Vec d0(0.f), d1(0.f);
+    for (; j + 2 * kVec <= V; j += 2 * kVec) {
+      const Vec x0 = Vec::loadu(z + j) - sh, x1 = Vec::loadu(z + j + kVec) - sh;
+      a0 = a0 + vexp(x0);
+      a1 = a1 + vexp(x1);
+      d0 = d0 + x0;
+      d1 = d1 + x1;
+    }
+    for (; j + kVec <= V; j += kVec) {
+      const Vec x0 = Vec::loadu(z + j) - sh;
+      a0 = a0 + vexp(x0);
+      d0 = d0 + x0;
+    }
+    float sum = hsum(a0 + a1), dsum = hsum(d0 + d1);
+    for (; j < V; ++j) {
+      sum += std::exp(z[j] - shift);
+      dsum += z[j] - shift;
+    }
+    *offsets = dsum;
+    return sum;
   }
 
   bool is_first_max(const float* z, int64_t y, float m) const {
@@ -281,6 +331,7 @@ struct ForwardRows {
     int64_t first = 0;
     while (first < s.vocab && !(z[first] != z[first])) ++first;
     ce[n] = kNaN;
+    lse[n] = kNaN;
     correct[n] = first == y;
     stats[3 * n] = kNaN;
     stats[3 * n + 1] = kNaN;
@@ -436,9 +487,28 @@ Shapes make_shapes(const at::Tensor& logits, const at::Tensor& emb, int64_t k) {
   return s;
 }
 
+// The options arrive checked (validation.py); these only guard the kernel against a caller
+// that skipped that: s > 0 finite, c = 0 (off) or > 0 finite, epsilon in [0, 1].
+// Both in float32, where the kernel computes: a value that rounds to 0 or overflows is refused.
+LogitTransform make_transform(double logit_scale, double softcap) {
+  LogitTransform transform;
+  transform.scale = static_cast<float>(logit_scale);
+  transform.cap = static_cast<float>(softcap);
+  TORCH_CHECK(std::isfinite(transform.scale) && transform.scale > 0,
+              "fused_cosloss native: logit_scale must be > 0 and finite in float32, got ", logit_scale);
+  TORCH_CHECK(softcap == 0 || (std::isfinite(transform.cap) && transform.cap > 0),
+              "fused_cosloss native: softcap must be > 0 and finite in float32 (0: off), got ", softcap);
+  return transform;
+}
+
+void check_smoothing(double label_smoothing) {
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1, "fused_cosloss native: label_smoothing must be in [0, 1]");
+}
+
 template <typename TL, typename TE>
 void forward_dispatch(const Shapes& s, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& emb,
-                      double temperature, int64_t ignore_index, bool with_cos, std::vector<at::Tensor>& out) {
+                      double temperature, int64_t ignore_index, bool with_cos, const LogitTransform& transform,
+                      float smoothing, std::vector<at::Tensor>& out) {
   ForwardRows<TL, TE> proto;
   proto.s = s;
   proto.logits = logits.data_ptr<TL>();
@@ -447,14 +517,17 @@ void forward_dispatch(const Shapes& s, const at::Tensor& logits, const at::Tenso
   proto.temperature = static_cast<float>(temperature);
   proto.ignore_index = ignore_index;
   proto.with_cos = with_cos;
+  proto.transform = transform;
+  proto.smoothing = smoothing;
   proto.ce = out[0].data_ptr<float>();
   proto.cosv = out[1].data_ptr<float>();
   proto.correct = out[2].data_ptr<bool>();
-  proto.stats = out[3].data_ptr<float>();
-  proto.idx = with_cos ? out[4].data_ptr<int32_t>() : nullptr;
-  proto.w = with_cos ? out[5].data_ptr<float>() : nullptr;
-  proto.c = with_cos ? out[6].data_ptr<float>() : nullptr;
-  proto.g2 = with_cos ? out[7].data_ptr<float>() : nullptr;
+  proto.lse = out[3].data_ptr<float>();
+  proto.stats = out[4].data_ptr<float>();
+  proto.idx = with_cos ? out[5].data_ptr<int32_t>() : nullptr;
+  proto.w = with_cos ? out[6].data_ptr<float>() : nullptr;
+  proto.c = with_cos ? out[7].data_ptr<float>() : nullptr;
+  proto.g2 = with_cos ? out[8].data_ptr<float>() : nullptr;
   const int64_t row_work = s.vocab + (with_cos ? 2 * s.k * s.hidden : 0);
   parallel_blocks(s.n, row_work, 1, [&](int64_t begin, int64_t end) {
     ForwardRows<TL, TE> worker = proto;
@@ -468,10 +541,15 @@ void forward_dispatch(const Shapes& s, const at::Tensor& logits, const at::Tenso
 // tile is written to the gradient once, with streaming stores.
 constexpr int64_t kTile = 2048;
 
+// With the loss options (docs/spec.md, "Loss options"), per row: d/dz'_v = (grad_ce + grad_lse) p_v
+// - grad_ce (1 - eps) [v == y] - grad_ce eps / V + the S term, p the softmax of z' (recomputed from z
+// as each tile is built), and dz = dz' * dz'/dz, taken term by term. grad_lse: nullptr for no lse
+// term.
 template <typename TL>
 void backward_logits(const Shapes& s, const at::Tensor& logits, const at::Tensor& labels, const float* stats,
                      const int32_t* idx, const float* c, const float* grad_ce, const float* grad_cos,
-                     int64_t ignore_index, bool with_cos, at::Tensor& dz) {
+                     const float* grad_lse, const LogitTransform& transform, float smoothing, int64_t ignore_index,
+                     bool with_cos, at::Tensor& dz) {
   const TL* lp = logits.data_ptr<TL>();
   TL* dp = dz.data_ptr<TL>();
   // dz may be the logits themselves (in place): each tile of z is read before its gradient
@@ -483,6 +561,7 @@ void backward_logits(const Shapes& s, const at::Tensor& logits, const at::Tensor
     std::vector<float> zbuf(std::is_same_v<TL, float> ? 0 : V);
     alignas(64) float tile[kTile];
     alignas(64) TL out_tile[std::is_same_v<TL, float> ? 1 : kTile];
+    alignas(64) float slope[kTile];  // dz'/dz of the tile, with the cap
     for (int64_t n = begin; n < end; ++n) {
       TL* drow = dp + n * dz_stride;
       const int64_t y = lab[n];
@@ -495,25 +574,58 @@ void backward_logits(const Shapes& s, const at::Tensor& logits, const at::Tensor
       const float* z = row_as_float(lp + n * s.row_stride, V, zbuf);
       const float shift = stats[3 * n], logsum = stats[3 * n + 1];
       const float gce = grad_ce[n];
+      const float gp = grad_lse != nullptr ? gce + grad_lse[n] : gce;  // the coefficient of p
+      const float gy = smoothing == 0.f ? gce : gce * (1.f - smoothing);  // at the label
+      const float gflat = gce * smoothing / static_cast<float>(V);  // at every entry, with smoothing
       const float gcos = with_cos ? grad_cos[n] : 0.f;
       const int32_t* S = with_cos ? idx + n * K : nullptr;
       const float* cn = with_cos ? c + n * K : nullptr;
       // S is in increasing vocabulary order (-1 everywhere for a NaN row: no sparse terms).
       int64_t p = (with_cos && S[0] >= 0) ? 0 : K;
       // p = exp((z - m) - logsum): relative to the max, so that p keeps its precision at any |z|
-      const Vec mv(shift), lv(logsum), gv(gce);
+      const Vec mv(shift), lv(logsum), gv(gp);
       for (int64_t t0 = 0; t0 < V; t0 += kTile) {
         const int64_t len = std::min(kTile, V - t0);
         const float* zt = z + t0;
         int64_t j = 0;
-        for (; j + 2 * kVec <= len; j += 2 * kVec) {
-          (gv * vexp((Vec::loadu(zt + j) - mv) - lv)).store(tile + j);
-          (gv * vexp((Vec::loadu(zt + j + kVec) - mv) - lv)).store(tile + j + kVec);
+        if (transform.active()) {  // z' in registers: tile = dz'/dz (gp p - gflat), dz'/dz kept for y and S
+          const Vec fv(gflat);
+          transform.for_each<true>(zt, len, [&](int64_t i, const Vec& zp, const Vec& sl, int count) {
+            if (count == kVec) {
+              const Vec d = gv * vexp((zp - mv) - lv);
+              ((smoothing != 0.f ? d - fv : d) * sl).store(tile + i);
+              if (transform.capped()) sl.store(slope + i);
+              return;
+            }
+            float zl[kVec], sll[kVec];  // the row's tail: the scalar exp of the plain path
+            zp.store(zl);
+            sl.store(sll);
+            for (int l = 0; l < count; ++l) {
+              const float d = gp * std::exp((zl[l] - shift) - logsum);
+              tile[i + l] = (smoothing != 0.f ? d - gflat : d) * sll[l];
+              slope[i + l] = sll[l];
+            }
+          });
+        } else {
+          for (; j + 2 * kVec <= len; j += 2 * kVec) {
+            (gv * vexp((Vec::loadu(zt + j) - mv) - lv)).store(tile + j);
+            (gv * vexp((Vec::loadu(zt + j + kVec) - mv) - lv)).store(tile + j + kVec);
+          }
+          for (; j + kVec <= len; j += kVec) (gv * vexp((Vec::loadu(zt + j) - mv) - lv)).store(tile + j);
+          for (; j < len; ++j) tile[j] = gp * std::exp((zt[j] - shift) - logsum);
         }
-        for (; j + kVec <= len; j += kVec) (gv * vexp((Vec::loadu(zt + j) - mv) - lv)).store(tile + j);
-        for (; j < len; ++j) tile[j] = gce * std::exp((zt[j] - shift) - logsum);
-        if (y >= t0 && y < t0 + len) tile[y - t0] -= gce;
-        for (; p < K && S[p] < t0 + len; ++p) tile[S[p] - t0] += gcos * cn[p];
+        if (!transform.active()) {
+          if (smoothing != 0.f)
+            for (j = 0; j < len; ++j) tile[j] -= gflat;
+          if (y >= t0 && y < t0 + len) tile[y - t0] -= gy;
+          for (; p < K && S[p] < t0 + len; ++p) tile[S[p] - t0] += gcos * cn[p];
+        } else {  // the terms at y and S times dz'/dz there
+          auto slope_at = [&](int64_t v) { return transform.capped() ? slope[v - t0] : transform.scale; };
+          if (y >= t0 && y < t0 + len) tile[y - t0] -= gy * slope_at(y);
+          // grouped as the plain path's gcos * cn[p] (also where the compiler fuses it into an fma), so
+          // that a power-of-two scale gives exactly s times the plain kernel's gradient on s z
+          for (; p < K && S[p] < t0 + len; ++p) tile[S[p] - t0] += gcos * (cn[p] * slope_at(S[p]));
+        }
         if constexpr (std::is_same_v<TL, float>) {
           stream_bytes(drow + t0, tile, len * static_cast<int64_t>(sizeof(float)));
         } else {
@@ -605,14 +717,18 @@ void backward_embedding(const Shapes& s, const at::Tensor& labels, const float* 
 }  // namespace
 
 std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& emb,
-                                double temperature, int64_t k, int64_t ignore_index, bool with_cos) {
+                                double temperature, int64_t k, int64_t ignore_index, bool with_cos,
+                                double logit_scale, double softcap, double label_smoothing) {
   check_inputs(logits, labels, emb, k);
+  const LogitTransform transform = make_transform(logit_scale, softcap);
+  check_smoothing(label_smoothing);
   const Shapes s = make_shapes(logits, emb, k);
   auto f32 = logits.options().dtype(at::kFloat);
   std::vector<at::Tensor> out;
   out.push_back(at::empty({s.n}, f32));                                      // ce
   out.push_back(at::empty({s.n}, f32));                                      // cos
   out.push_back(at::empty({s.n}, logits.options().dtype(at::kBool)));        // correct
+  out.push_back(at::empty({s.n}, f32));                                      // lse of the transformed row
   out.push_back(at::empty({s.n, 3}, f32));                                   // stats: m, logsum, cos
   const int64_t kk = with_cos ? s.k : 0;
   out.push_back(at::empty({with_cos ? s.n : 0, kk}, f32.dtype(at::kInt)));   // idx
@@ -621,18 +737,24 @@ std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& labe
   out.push_back(at::empty({with_cos ? s.n : 0, 2, s.hidden}, f32));          // g, g_e
   const bool lbf = logits.scalar_type() == at::kBFloat16, ebf = emb.scalar_type() == at::kBFloat16;
   using BF = c10::BFloat16;
-  if (!lbf && !ebf) forward_dispatch<float, float>(s, logits, labels, emb, temperature, ignore_index, with_cos, out);
-  if (!lbf && ebf) forward_dispatch<float, BF>(s, logits, labels, emb, temperature, ignore_index, with_cos, out);
-  if (lbf && !ebf) forward_dispatch<BF, float>(s, logits, labels, emb, temperature, ignore_index, with_cos, out);
-  if (lbf && ebf) forward_dispatch<BF, BF>(s, logits, labels, emb, temperature, ignore_index, with_cos, out);
+  const float eps = static_cast<float>(label_smoothing);
+  if (!lbf && !ebf)
+    forward_dispatch<float, float>(s, logits, labels, emb, temperature, ignore_index, with_cos, transform, eps, out);
+  if (!lbf && ebf)
+    forward_dispatch<float, BF>(s, logits, labels, emb, temperature, ignore_index, with_cos, transform, eps, out);
+  if (lbf && !ebf)
+    forward_dispatch<BF, float>(s, logits, labels, emb, temperature, ignore_index, with_cos, transform, eps, out);
+  if (lbf && ebf)
+    forward_dispatch<BF, BF>(s, logits, labels, emb, temperature, ignore_index, with_cos, transform, eps, out);
   return out;
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& emb,
                                  const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& w,
                                  const at::Tensor& c, const at::Tensor& g2, const at::Tensor& grad_ce,
-                                 const at::Tensor& grad_cos, int64_t k, int64_t ignore_index, bool with_cos,
-                                 bool need_logits_grad, bool need_embedding_grad, bool inplace_logits_grad,
+                                 const at::Tensor& grad_cos, const at::Tensor& grad_lse, int64_t k,
+                                 int64_t ignore_index, bool with_cos, double logit_scale, double softcap,
+                                 double label_smoothing, bool need_logits_grad, bool need_embedding_grad, bool inplace_logits_grad,
                                  const std::optional<at::Tensor>& embedding_grad_out) {
   check_inputs(logits, labels, emb, k);
   const Shapes s = make_shapes(logits, emb, k);
@@ -640,6 +762,12 @@ std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& lab
               "fused_cosloss native: grad_ce must be a contiguous float32 [N]");
   TORCH_CHECK(grad_cos.scalar_type() == at::kFloat && grad_cos.is_contiguous() && grad_cos.numel() == s.n,
               "fused_cosloss native: grad_cos must be a contiguous float32 [N]");
+  TORCH_CHECK(grad_lse.numel() == 0 || (grad_lse.scalar_type() == at::kFloat && grad_lse.is_contiguous() &&
+                                        grad_lse.numel() == s.n),
+              "fused_cosloss native: grad_lse must be a contiguous float32 [N] (empty: no lse term)");
+  const LogitTransform transform = make_transform(logit_scale, softcap);
+  check_smoothing(label_smoothing);
+  const float eps = static_cast<float>(label_smoothing);
   TORCH_CHECK(stats.is_contiguous() && stats.numel() == 3 * s.n, "fused_cosloss native: bad saved stats");
   if (with_cos) {
     TORCH_CHECK(idx.is_contiguous() && idx.numel() == s.n * s.k && w.is_contiguous() && w.numel() == s.n * s.k &&
@@ -654,6 +782,7 @@ std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& lab
   const float* gp = with_cos ? g2.data_ptr<float>() : nullptr;
   const float* gce = grad_ce.data_ptr<float>();
   const float* gcos = grad_cos.data_ptr<float>();
+  const float* glse = grad_lse.numel() == 0 ? nullptr : grad_lse.data_ptr<float>();
 
   at::Tensor dz, dE;
   if (need_logits_grad) {
@@ -664,9 +793,11 @@ std::vector<at::Tensor> backward(const at::Tensor& logits, const at::Tensor& lab
       advise_huge_pages(dz.data_ptr(), dz.nbytes());
     }
     if (logits.scalar_type() == at::kBFloat16)
-      backward_logits<c10::BFloat16>(s, logits, labels, st, ip, cp, gce, gcos, ignore_index, with_cos, dz);
+      backward_logits<c10::BFloat16>(s, logits, labels, st, ip, cp, gce, gcos, glse, transform, eps, ignore_index,
+                                     with_cos, dz);
     else
-      backward_logits<float>(s, logits, labels, st, ip, cp, gce, gcos, ignore_index, with_cos, dz);
+      backward_logits<float>(s, logits, labels, st, ip, cp, gce, gcos, glse, transform, eps, ignore_index, with_cos,
+                             dz);
   }
   if (need_embedding_grad && with_cos) {
     const bool accumulate = embedding_grad_out.has_value();
@@ -713,8 +844,16 @@ int64_t threads_seen() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_cosloss native CPU kernel (see csrc/mixed_loss_cpu.cpp)";
-  m.def("forward", &fcl::forward, "per-row forward: ce, cos, correct and the saved state");
-  m.def("backward", &fcl::backward, "gradients of logits and embedding");
+  namespace py = pybind11;
+  m.def("forward", &fcl::forward, "per-row forward: ce, cos, correct, lse and the saved state", py::arg("logits"),
+        py::arg("labels"), py::arg("embedding"), py::arg("temperature"), py::arg("k"), py::arg("ignore_index"),
+        py::arg("with_cos"), py::arg("logit_scale"), py::arg("softcap"), py::arg("label_smoothing"));
+  m.def("backward", &fcl::backward, "gradients of logits and embedding", py::arg("logits"), py::arg("labels"),
+        py::arg("embedding"), py::arg("stats"), py::arg("idx"), py::arg("w"), py::arg("c"), py::arg("g2"),
+        py::arg("grad_ce"), py::arg("grad_cos"), py::arg("grad_lse"), py::arg("k"), py::arg("ignore_index"),
+        py::arg("with_cos"), py::arg("logit_scale"), py::arg("softcap"), py::arg("label_smoothing"),
+        py::arg("need_logits_grad"), py::arg("need_embedding_grad"), py::arg("inplace"),
+        py::arg("embedding_grad_out"));
   m.def("capability", &fcl::capability, "the instruction set this build was compiled for");
   m.def("threads_seen", &fcl::threads_seen, "how many threads at::parallel_for uses here (diagnostic)");
   m.def("release_cached_buffers", &fcl::release_cached_buffers, "free the cached gradient buffers; bytes freed");

@@ -13,7 +13,7 @@ from .errors import UnsupportedDifferentiationError
 from .loss_math import effective_weight, loss_coefficients, reduced_loss
 from .options import LossOptions
 from .protocol import forward_backward_rows
-from .reference import reference_rows
+from .reference import compute_dtype, reference_rows
 
 INPLACE_TWICE = ("mixed_loss: inplace_grad=True writes the logits gradient over the logits, so it cannot be "
                  "differentiated again (create_graph=True); pass inplace_grad=False for a higher-order gradient")
@@ -64,6 +64,7 @@ class KernelRowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, embedding, labels, ops, options: LossOptions, inplace_grad: bool):
         ce, cos, correct, lse, saved = ops.forward_rows(logits, labels, embedding, options)
+        ctx.set_materialize_grads(False)  # an unused lse (no z-loss) then costs the backward nothing
         ctx.mark_non_differentiable(correct)
         ctx.save_for_backward(logits, embedding, labels, *saved)
         ctx.ops, ctx.options, ctx.inplace_grad = ops, options, inplace_grad
@@ -72,6 +73,11 @@ class KernelRowsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ce, grad_cos, _grad_correct, grad_lse):
         logits, embedding, labels, *saved = ctx.saved_tensors
+        if grad_ce is None and grad_cos is None and grad_lse is None:
+            return None, None, None, None, None, None
+        zeros = torch.zeros(logits.shape[0], device=logits.device, dtype=compute_dtype(logits.dtype))
+        grad_ce = zeros if grad_ce is None else grad_ce
+        grad_cos = zeros if grad_cos is None else grad_cos
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
             if ctx.inplace_grad:
                 raise UnsupportedDifferentiationError(INPLACE_TWICE)

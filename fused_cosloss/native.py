@@ -28,7 +28,10 @@ next request of the same size, so the next step does not fault its pages in agai
 costs more than computing the gradient on CPU). :func:`empty_cache` frees it.
 
 The protocol (see ``protocol.py``): ``unavailable_reason``, ``forward_rows``,
-``backward_rows``. The saved state is ``(stats, idx, w, c, g2)``: per row the
+``backward_rows``. The loss options (logit scale, soft-cap, label smoothing) are applied
+inside the kernel as each logit is read; ``forward_rows`` also returns lse_n, and
+``backward_rows`` takes its coefficient ``grad_lse`` (docs/native_cpu.md, "Loss options").
+The saved state is ``(stats, idx, w, c, g2)``: per row the
 maximum m, log sum exp(z - m) and the cosine, the top-k indices (int32), their softmax
 weights, the cosine's logit-gradient coefficients at them, and dcos/dmu, dcos/de
 (``N * (3K + 2H + 3)`` floats in all; only ``stats`` without the cosine term).
@@ -269,11 +272,19 @@ def unavailable_reason(logits: torch.Tensor, embedding: torch.Tensor) -> str | N
     return _load()[1]
 
 
+def _option_args(options: LossOptions) -> dict:
+    """The loss options the kernel takes beside k and ignore_index (no soft-cap: 0.0)."""
+    return dict(logit_scale=options.logit_scale, softcap=0.0 if options.softcap is None else options.softcap,
+                label_smoothing=options.label_smoothing)
+
+
 def forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:
-    """Per-row ce, cos, correct and the saved state (see the module docstring)."""
-    ce, cos, correct, stats, idx, w, c, g2 = extension().forward(logits, labels, embedding, *options.as_schema_args())
+    """Per-row ce, cos, correct, lse and the saved state (see the module docstring)."""
+    ce, cos, correct, lse, stats, idx, w, c, g2 = extension().forward(
+        logits, labels, embedding, temperature=options.temperature, k=options.k, ignore_index=options.ignore_index,
+        with_cos=options.with_cos, **_option_args(options))
     saved = (stats, idx, w, c, g2) if options.with_cos else (stats,)
-    return RowsForward(ce, cos, correct, saved)
+    return RowsForward(ce, cos, correct, lse, saved)
 
 
 def fake_forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:
@@ -286,24 +297,28 @@ def fake_forward_rows(logits, labels, embedding, options: LossOptions) -> RowsFo
     saved = (stats, torch.empty(rows, kk, device=logits.device, dtype=torch.int32), torch.empty(rows, kk, **f32),
              torch.empty(rows, kk, **f32), torch.empty(rows, 2, hidden, **f32))
     correct = torch.empty(n, device=logits.device, dtype=torch.bool)
-    return RowsForward(torch.empty(n, **f32), torch.empty(n, **f32), correct, saved if with_cos else (stats,))
+    return RowsForward(torch.empty(n, **f32), torch.empty(n, **f32), correct, torch.empty(n, **f32),
+                       saved if with_cos else (stats,))
 
 
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options: LossOptions, *,
-                  need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
-    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n in the dtypes of logits and embedding
-    (``inplace``: into the logits' storage; ``embedding_grad_out``: added to that float32 tensor)."""
+                  need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None, grad_lse=None):
+    """Gradients of sum_n grad_ce[n] ce_n + grad_cos[n] cos_n + grad_lse[n] lse_n (``grad_lse`` None:
+    no lse term) in the dtypes of logits and embedding (``inplace``: into the logits' storage;
+    ``embedding_grad_out``: added to that float32 tensor)."""
     stats, *rest = saved
     with_cos = options.with_cos
     if with_cos:
         idx, w, c, g2 = rest
     else:
         idx = w = c = g2 = stats.new_empty(0)
+    grad_lse = stats.new_empty(0) if grad_lse is None else grad_lse.to(torch.float32).contiguous()
     dlogits, dembedding = extension().backward(
-        logits, labels, embedding, stats, idx, w, c, g2,
-        grad_ce.to(torch.float32).contiguous(), grad_cos.to(torch.float32).contiguous(),
-        options.k, options.ignore_index, with_cos, bool(need_logits_grad), bool(need_embedding_grad), bool(inplace),
-        embedding_grad_out)
+        logits, labels, embedding, stats, idx, w, c, g2, grad_ce=grad_ce.to(torch.float32).contiguous(),
+        grad_cos=grad_cos.to(torch.float32).contiguous(), grad_lse=grad_lse, k=options.k,
+        ignore_index=options.ignore_index, with_cos=with_cos, need_logits_grad=bool(need_logits_grad),
+        need_embedding_grad=bool(need_embedding_grad), inplace=bool(inplace), embedding_grad_out=embedding_grad_out,
+        **_option_args(options))
     # Without the cosine term the loss does not depend on the embedding: no gradient, as in the reference.
     wanted = need_embedding_grad and with_cos and embedding_grad_out is None
     return (dlogits if need_logits_grad else None), (dembedding if wanted else None)

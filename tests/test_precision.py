@@ -113,3 +113,58 @@ def test_error_no_worse_than_naive_same_dtype(gen, backend, dtype, temperature, 
         assert err <= bound, (f"{backend} {what}: error {err:.3e} against float64 is above {bound:.3e} "
                               f"({FACTOR}x the naive {dtype} formulation's {_error(theirs, exact):.3e} + "
                               f"{FLOOR_ULPS} ulps)")
+
+
+# ---- the loss options (docs/spec.md, "Loss options") --------------------------------------------
+
+OPTION_SETS = {
+    "cap": dict(softcap=5.0),
+    "all": dict(logit_scale=2.0, softcap=5.0, label_smoothing=0.1, z_loss=1e-3),
+}
+
+
+def naive_loss_with_options(logits, labels, embedding, *, alpha, temperature, topk, logit_scale=None, softcap=None,
+                            label_smoothing=0.0, z_loss=0.0, ignore_index=-100):
+    """``naive_mixed_loss`` on the transformed logits, all in the inputs' dtype: the scale and the cap
+    as a model applies them, F.cross_entropy's label smoothing, the z-loss from a same-dtype logsumexp."""
+    z = logits * logit_scale if logit_scale is not None else logits
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = labels != ignore_index
+    n_valid = valid.sum().clamp_min(1)
+    loss = naive_mixed_loss(z, labels, embedding, alpha=alpha, temperature=temperature, topk=topk,
+                            ignore_index=ignore_index)
+    if label_smoothing:
+        smoothed = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum",
+                                   label_smoothing=label_smoothing)
+        plain = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum")
+        loss = loss + (1 - alpha) * (smoothed - plain) / n_valid
+    if z_loss:
+        lse = torch.logsumexp(z, dim=-1)
+        loss = loss + z_loss * torch.where(valid, lse * lse, torch.zeros_like(lse)).sum() / n_valid
+    return loss
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option_set", OPTION_SETS)
+@pytest.mark.parametrize("temperature, alpha, logits_kind, topk", [
+    pytest.param(t, a, kind, TOPKS[k], id=f"T{t}-a{a}-{kind}-{k}")
+    for t, a, kind, k in [(0.05, 1.0, "peaked", "K17"), (1.0, 0.5, "peaked", "None"), (0.2, 0.5, "flat", "K1"),
+                          (1.0, 1.0, "flat", "K>=V")]])
+def test_options_error_no_worse_than_naive_same_dtype(gen, backend, dtype, option_set, temperature, alpha,
+                                                      logits_kind, topk):
+    backend_or_skip(backend, "cpu", dtype)
+    logits, labels, embedding = _inputs(gen, VOCAB, LOGITS[logits_kind], dtype)
+    options = dict(alpha=alpha, temperature=temperature, topk=topk, **OPTION_SETS[option_set])
+    truth = _value_and_grads(lambda z, y, e: mixed_loss(z, y, e, backend="reference", **options),
+                             logits.double(), labels, embedding.double())
+    naive = _value_and_grads(lambda z, y, e: naive_loss_with_options(z, y, e, **options), logits, labels, embedding)
+    ours = _value_and_grads(lambda z, y, e: mixed_loss(z, y, e, backend=backend, **options), logits, labels, embedding)
+    scales = _natural_scales(labels, alpha, temperature)
+    for what, mine, theirs, exact, scale in zip(("loss", "d/dlogits", "d/dembedding"), ours, naive, truth, scales):
+        bound = _bound(_error(theirs, exact), exact, scale, dtype)
+        err = _error(mine, exact)
+        assert err <= bound, (f"{backend} {option_set} {what}: error {err:.3e} against float64 is above "
+                              f"{bound:.3e} ({FACTOR}x the naive {dtype} formulation's {_error(theirs, exact):.3e} "
+                              f"+ {FLOOR_ULPS} ulps)")
