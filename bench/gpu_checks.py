@@ -165,7 +165,7 @@ def selection_unit(rec: Recorder, shapes: Shapes, dtype_name: str, vocab: int) -
     for k in shapes.select_ks:
         target = "S equal to the first K of a stable descending sort on every row; S's values exact"
         with rec.check(f"selection {dtype_name} V={vocab} K={k}", target) as result:
-            _, _, _, saved = ops.forward_rows(logits, labels, embedding, LossOptions(1.0, k, IGNORE_INDEX, True))
+            saved = ops.forward_rows(logits, labels, embedding, LossOptions(1.0, k, IGNORE_INDEX, True)).saved
             s_idx, s_val = saved.s_idx, saved.s_val
             idx = s_idx.long() & 0xFFFF if s_idx.dtype == torch.int16 else s_idx.long()
             want = order[:, :k].sort(dim=1).values

@@ -9,9 +9,14 @@ Two groups share a table:
 An implementation is a function ``inputs -> scalar loss`` with ``inputs`` a dict of
 ``labels`` and ``logits`` (or ``hidden`` for linear+CE kernels) and ``embedding``; its
 gradients are read from the leaves named in ``Impl.leaves``.
+
+The package's implementations (``takes_options``) also run with the loss options of
+``Config.options`` (bench/run.py --softcap, --logit-scale, --z-loss, --label-smoothing), and
+are then checked against the reference with the same options; the others never get them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -42,6 +47,20 @@ class Config:
     topk: int | None
     alpha: float
     temperature: float
+    options: tuple[tuple[str, float], ...] = ()  # the loss options that are on, as (keyword, value) pairs
+
+
+# the keyword arguments of mixed_loss and linear_mixed_loss the benchmark can turn on, in the spec's order
+OPTION_NAMES = ("logit_scale", "softcap", "label_smoothing", "z_loss")
+
+
+def option_kwargs(cfg: Config) -> dict:
+    """The loss options of ``cfg`` as keyword arguments of mixed_loss / linear_mixed_loss ({} when off)."""
+    options = dict(cfg.options)
+    unknown = set(options) - set(OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"unknown loss options {sorted(unknown)}; the benchmark knows {list(OPTION_NAMES)}")
+    return options
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,7 @@ class Impl:
     tolerance_scale: float = 1.0                 # on the dtype's tolerances (documented where used)
     has_floor: bool = True                       # False where the work includes more than the loss (a matmul)
     in_cpu_default: bool = True                  # run on CPU without --impl (the hidden-state rows are slow there)
+    takes_options: bool = False                  # the package's: also runs with the loss options (Config.options)
 
     def alpha(self, cfg: Config) -> float:
         return self.alpha_value(cfg.alpha)
@@ -77,7 +97,7 @@ class Impl:
 def _loss_options(cfg: Config, group: str, backend: str, **extra) -> dict:
     """The package's keyword arguments for this configuration (alpha 0 in the ce group)."""
     return dict(alpha=cfg.alpha if group == "mixed" else 0.0, temperature=cfg.temperature, topk=cfg.topk,
-                ignore_index=IGNORE_INDEX, backend=backend, **extra)
+                ignore_index=IGNORE_INDEX, backend=backend, **option_kwargs(cfg), **extra)
 
 
 def _package(backend: str, group: str, inplace_grad: bool = False) -> Callable[[Config], Callable[[dict], torch.Tensor]]:
@@ -128,7 +148,7 @@ def _build_compiled(cfg: Config):
     # recompiles with dynamic shapes anyway, which costs another ~30 s on 2 CPU cores)
     loss = torch.compile(functools.partial(
         mixed_loss, alpha=cfg.alpha, temperature=cfg.temperature, topk=cfg.topk,
-        ignore_index=IGNORE_INDEX, backend="reference"), dynamic=True)
+        ignore_index=IGNORE_INDEX, backend="reference", **option_kwargs(cfg)), dynamic=True)
     return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
 
 
@@ -249,47 +269,47 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in [
     Impl("seed-style", "mixed", "the experiment's formulation: softmax [N,V], top-k of probs, gather [N,K,H], einsum",
          _build_seed, baseline=True),
     Impl("reference", "mixed", "fused_cosloss backend='reference' (pure PyTorch, the oracle)",
-         _package("reference", "mixed"), oracle=True),
+         _package("reference", "mixed"), oracle=True, takes_options=True),
     Impl("compile-reference", "mixed", "torch.compile(dynamic=True) of the reference (compile time not counted)",
-         _build_compiled, unavailable=_compile_unavailable),
+         _build_compiled, unavailable=_compile_unavailable, takes_options=True),
     Impl("native", "mixed", "fused_cosloss backend='native' (C++ CPU kernel)",
-         _package("native", "mixed"), unavailable=_backend_unavailable("native")),
+         _package("native", "mixed"), unavailable=_backend_unavailable("native"), takes_options=True),
     Impl("native-inplace", "mixed", "fused_cosloss backend='native', inplace_grad=True (gradient over the logits)",
          _package("native", "mixed", inplace_grad=True), unavailable=_backend_unavailable("native"),
-         mutates_logits=True),
+         mutates_logits=True, takes_options=True),
     Impl("triton", "mixed", "fused_cosloss backend='triton' (CUDA kernel)",
-         _package("triton", "mixed"), unavailable=_backend_unavailable("triton")),
+         _package("triton", "mixed"), unavailable=_backend_unavailable("triton"), takes_options=True),
     Impl("triton-inplace", "mixed", "fused_cosloss backend='triton', inplace_grad=True (gradient over the logits)",
          _package("triton", "mixed", inplace_grad=True), unavailable=_backend_unavailable("triton"),
-         mutates_logits=True),
+         mutates_logits=True, takes_options=True),
     Impl("liger+embbag", "mixed", "Liger-Kernel CE + top-k/softmax/F.embedding_bag cosine (Liger overwrites the logits)",
          _build_liger_mixed, unavailable=_needs(LIGER_CE, "liger-kernel"), mutates_logits=True),
     # the fused-linear mode and the logits path it replaces: hidden states in, the [N,H]x[H,V] matmul included
     Impl("linear-native", "mixed", "fused_cosloss linear_mixed_loss backend='native': logits a chunk at a time",
          _linear("native", "mixed"), unavailable=_backend_unavailable("native"), kind="hidden", has_floor=False,
-         in_cpu_default=False),
+         in_cpu_default=False, takes_options=True),
     Impl("matmul+native", "mixed", "hidden @ E.T then mixed_loss backend='native' (the logits path)",
          _matmul_then("native", "mixed"), unavailable=_backend_unavailable("native"), kind="hidden",
-         has_floor=False, in_cpu_default=False),
+         has_floor=False, in_cpu_default=False, takes_options=True),
     Impl("linear-triton", "mixed", "fused_cosloss linear_mixed_loss backend='triton': cuBLAS chunks + the kernel",
          _linear("triton", "mixed"), unavailable=_backend_unavailable("triton"), kind="hidden", has_floor=False,
-         tolerance_scale=2.5),
+         tolerance_scale=2.5, takes_options=True),
     Impl("matmul+triton", "mixed", "hidden @ E.T then mixed_loss backend='triton' (the logits path)",
          _matmul_then("triton", "mixed"), unavailable=_backend_unavailable("triton"), kind="hidden",
-         has_floor=False, tolerance_scale=2.5),
+         has_floor=False, tolerance_scale=2.5, takes_options=True),
     Impl("ce-torch", "ce", "F.cross_entropy on the logits as given",
          _build_torch_ce, baseline=True),
     Impl("ce-reference", "ce", "fused_cosloss backend='reference', alpha=0",
-         _package("reference", "ce"), oracle=True),
+         _package("reference", "ce"), oracle=True, takes_options=True),
     Impl("ce-native", "ce", "fused_cosloss backend='native', alpha=0",
-         _package("native", "ce"), unavailable=_backend_unavailable("native")),
+         _package("native", "ce"), unavailable=_backend_unavailable("native"), takes_options=True),
     Impl("ce-triton", "ce", "fused_cosloss backend='triton', alpha=0",
-         _package("triton", "ce"), unavailable=_backend_unavailable("triton")),
+         _package("triton", "ce"), unavailable=_backend_unavailable("triton"), takes_options=True),
     Impl("ce-liger", "ce", "Liger-Kernel LigerCrossEntropyLoss (overwrites the logits with their gradient)",
          _build_liger_ce, unavailable=_needs(LIGER_CE, "liger-kernel"), mutates_logits=True),
     Impl("ce-linear-triton", "ce", "fused_cosloss linear_mixed_loss backend='triton', alpha=0",
          _linear("triton", "ce"), unavailable=_backend_unavailable("triton"), kind="hidden", has_floor=False,
-         tolerance_scale=2.5),
+         tolerance_scale=2.5, takes_options=True),
     Impl("ce-liger-flce", "ce", "Liger-Kernel LigerFusedLinearCrossEntropyLoss from hidden states",
          _build_liger_flce, unavailable=_needs(LIGER_FLCE, "liger-kernel"), kind="hidden", has_floor=False,
          tolerance_scale=2.5),
@@ -311,17 +331,26 @@ def _build_wrong(cfg: Config):
     return lambda inp: loss(inp["logits"], inp["labels"], inp["embedding"])
 
 
+def _build_ignoring_options(cfg: Config):
+    """The reference without the loss options: right on the plain rows, wrong on the options rows."""
+    return _package("reference", "mixed")(dataclasses.replace(cfg, options=()))
+
+
 if os.environ.get("FUSED_COSLOSS_BENCH_SELFTEST") == "1":
-    # a deliberately wrong implementation, so the test sees the WRONG path end to end
+    # deliberately wrong implementations, so the test sees the WRONG path end to end
     IMPLS["selftest-wrong"] = Impl("selftest-wrong", "mixed", "seed-style with the temperature doubled (a test of the check)",
                                    _build_wrong)
+    IMPLS["selftest-ignores-options"] = Impl(
+        "selftest-ignores-options", "mixed",
+        "the reference that drops the loss options (a test of the options rows' check)", _build_ignoring_options,
+        takes_options=True)
 
 
 def reference_for(impl: Impl, cfg: Config) -> Callable[[dict], torch.Tensor]:
-    """The oracle an implementation is checked against, on the same inputs."""
+    """The oracle an implementation is checked against, on the same inputs and with the same loss options."""
     alpha = impl.alpha(cfg)
     loss = functools.partial(mixed_loss, alpha=alpha, temperature=cfg.temperature, topk=cfg.topk,
-                             ignore_index=IGNORE_INDEX, backend="reference")
+                             ignore_index=IGNORE_INDEX, backend="reference", **option_kwargs(cfg))
     if impl.kind == "hidden":
         # logits from hidden states in float32, as a linear+CE kernel accumulates them
         return lambda inp: loss(inp["hidden"].float() @ inp["embedding"].float().T, inp["labels"], inp["embedding"])

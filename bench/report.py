@@ -1,8 +1,10 @@
 """What the benchmark hands back: the stdout table, the markdown table, the JSON, the plot."""
 from __future__ import annotations
 
+import decimal
 import json
 import math
+import re
 
 MB = 1 << 20
 
@@ -26,6 +28,19 @@ def _ratio(value: float | None) -> str:
     return f"{value:.0f}x" if value >= 100 else f"{value:.1f}x" if value >= 10 else f"{value:.2f}x"
 
 
+def short_number(value: float) -> str:
+    """The shorter of the fixed and the exponent forms that read back as ``value`` (30, 0.5, 1e-4)."""
+    exact = decimal.Decimal(repr(float(value))).normalize()   # repr: the shortest digits that read back
+    fixed = format(exact, "f")
+    exponent = re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{value:.{len(exact.as_tuple().digits) - 1}e}")
+    return exponent if len(exponent) < len(fixed) else fixed
+
+
+def options_label(impl: str, options: dict) -> str:
+    """``native +softcap=30,z_loss=1e-4``: how an options row is named in the tables."""
+    return f"{impl} +" + ",".join(f"{name}={short_number(value)}" for name, value in options.items())
+
+
 def check_text(row: dict) -> str:
     check = row.get("check")
     if row["status"] == "WRONG":
@@ -45,19 +60,31 @@ def wrong_text(row: dict) -> str:
             f"gradient errors {grads}; tolerances {check['tol_loss']:.0e} / {check['tol_grad']:.0e}")
 
 
+def row_label(row: dict) -> str:
+    """The implementation's name, with its loss options on an options row (``native +softcap=30``)."""
+    return row.get("label", row["impl"])
+
+
+def has_options(result: dict) -> bool:
+    """Whether the run added options rows (bench/run.py --softcap, --z-loss, ...)."""
+    return bool(result["config"].get("options"))
+
+
 def table_rows(result: dict) -> list[list[str]]:
     """One line per (N, implementation, mode), in run order; rows that did not run say so
-    (the details are in problem_lines)."""
+    (the details are in problem_lines). With options, a "vs plain" column before the last."""
     lines = []
+    with_options = has_options(result)
     for row in result["results"]:
-        base = [str(row["n_tokens"]), row["impl"], check_text(row)]
+        base = [str(row["n_tokens"]), row_label(row), check_text(row)]
         if row["status"] != "ok":
-            lines.append(base + ["not timed", "-", "-", "-", "-", "-"])
+            lines.append(base + ["not timed", "-", "-", "-", "-", "-"] + (["-"] if with_options else []))
             continue
         for mode, stats in row["modes"].items():
             spread = f"{_ms(stats['p20_ms'])}-{_ms(stats['p80_ms'])}"
+            vs_plain = [_ratio(stats.get("vs_plain"))] if with_options else []
             lines.append(base + [mode, _ms(stats["median_ms"]), spread, _ratio(stats.get("over_floor")),
-                                 _ratio(stats.get("speedup")), _mb(stats.get("extra_bytes"))])
+                                 _ratio(stats.get("speedup"))] + vs_plain + [_mb(stats.get("extra_bytes"))])
     return lines
 
 
@@ -67,11 +94,27 @@ def problem_lines(result: dict) -> list[str]:
     for row in result["results"]:
         if row["status"] != "ok":
             detail = wrong_text(row) if row["status"] == "WRONG" else row.get("reason", "")
-            lines.append(f"N={row['n_tokens']} {row['impl']}: {row['status']}: {detail}")
+            lines.append(f"N={row['n_tokens']} {row_label(row)}: {row['status']}: {detail}")
     return lines
 
 
 HEADER = ["N", "impl", "check", "mode", "median ms", "p20-p80 ms", "x floor", "speedup", "extra MB"]
+HEADER_OPTIONS = HEADER[:-1] + ["vs plain"] + HEADER[-1:]
+
+
+def header(result: dict) -> list[str]:
+    return HEADER_OPTIONS if has_options(result) else HEADER
+
+
+def options_text(result: dict) -> str:
+    """What the options rows are, for the report's header."""
+    options = ", ".join(f"{name}={short_number(value)}" for name, value in result["config"]["options"].items())
+    with_rows = sorted({row["impl"] for row in result["results"] if row.get("options")})
+    without = [name for name in result["impls"] if name not in with_rows and name not in result["unavailable"]]
+    return (f"loss options: each row `impl +...` is the implementation with {options}, checked against the "
+            f"reference with the same options; vs plain: its median over the plain row's (same N and mode; "
+            f"no speedup: the baselines compute the plain loss). Plain rows only (they take no options): "
+            f"{', '.join(without) or 'none'}.")
 
 
 def header_text(result: dict) -> list[str]:
@@ -104,6 +147,8 @@ def header_text(result: dict) -> list[str]:
         "Liger's CE compute the gradient there (grad_in_forward), so their fwd includes it; extra MB: peak "
         "memory above the inputs, less the gradients (fwd+bwd).",
     ]
+    if has_options(result):
+        lines.append(options_text(result))
     if meta.get("cpu_peak_memory_unavailable"):
         lines.append(f"memory not measured: {meta['cpu_peak_memory_unavailable']}")
     if meta.get("load_before") is not None:
@@ -122,15 +167,16 @@ def not_run_text(result: dict) -> list[str]:
 
 
 def format_text(result: dict) -> str:
-    rows = [HEADER] + table_rows(result)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    columns = header(result)
+    rows = [columns] + table_rows(result)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     out = header_text(result) + [""]
     last_n = None
     for index, row in enumerate(rows):
         if index > 1 and row[0] != last_n:
             out.append("")
         last_n = row[0] if index else None
-        cells = [cell.rjust(width) if i in (0, 4, 5, 6, 7, 8) else cell.ljust(width)
+        cells = [cell.rjust(width) if i == 0 or i >= 4 else cell.ljust(width)
                  for i, (cell, width) in enumerate(zip(row, widths))]
         out.append("  ".join(cells).rstrip())
     floors = ", ".join(f"N={p['n_tokens']} {p['mode']} {_ms(p['floor_ms'])} ms" for p in result["floor"]["per_point"])
@@ -148,7 +194,8 @@ def format_markdown(result: dict) -> str:
     meta, machine = result["meta"], result["machine"]
     lines = [f"### Benchmark: {machine['device_name']}", ""]
     lines += [f"- {text}" for text in header_text(result)[1:]]
-    lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    columns = header(result)
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table_rows(result):
         lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
     problems = problem_lines(result)
@@ -167,7 +214,7 @@ def write_json(result: dict, path: str) -> None:
 
 
 def write_plot(result: dict, path: str) -> None:
-    """Time and extra memory against tokens, one line per implementation (ce-* dashed)."""
+    """Time and extra memory against tokens, one line per implementation (ce-* dashed, options rows dash-dotted)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -176,12 +223,15 @@ def write_plot(result: dict, path: str) -> None:
     mode = "fwd+bwd" if "fwd+bwd" in modes else modes[0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     series: dict[str, list] = {}
+    styles: dict[str, str] = {}
     for row in result["results"]:
         if row["status"] == "ok" and mode in row["modes"]:
             stats = row["modes"][mode]
-            series.setdefault(row["impl"], []).append((row["n_tokens"], stats["median_ms"], stats.get("extra_bytes")))
+            point = (row["n_tokens"], stats["median_ms"], stats.get("extra_bytes"))
+            series.setdefault(row_label(row), []).append(point)
+            styles[row_label(row)] = "-." if row.get("options") else "--" if row["impl"].startswith("ce-") else "-"
     for name, points in series.items():
-        style = "--" if name.startswith("ce-") else "-"
+        style = styles[name]
         xs = [p[0] for p in points]
         left.plot(xs, [p[1] for p in points], style, marker="o", label=name)
         mem = [(p[0], p[2] / MB) for p in points if p[2] is not None]

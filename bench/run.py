@@ -3,6 +3,7 @@
     python bench/run.py --vocab 50257                  # CPU: ~3 minutes on 2 cores
     python bench/run.py --device cuda                  # GPU sweep 4096..32768, bfloat16
     python bench/run.py --impl seed-style,native --tokens 512 --mode fwd+bwd
+    python bench/run.py --impl native --softcap 30 --z-loss 1e-4   # each option's cost next to the plain rows
 
 Every implementation (bench/impls.py) first runs on the benchmark's own inputs and is
 compared with the reference, loss and gradients; a WRONG one is not timed. Each runs in
@@ -10,6 +11,13 @@ its own process (bench/worker.py). The floor (copy bandwidth; on CPU also exp th
 is measured in the same run. Results: a table on stdout, and ``<slug>.json``, ``.png``,
 ``.md`` in ``--out-dir`` (bench/results/, one set per machine, e.g. cpu-2core) unless
 ``--no-save``; ``--json``/``--plot``/``--markdown`` put single files elsewhere.
+
+With loss options (``--logit-scale``, ``--softcap``, ``--label-smoothing``, ``--z-loss``) every
+implementation of the package runs twice, plain and with the options: the options row (its
+``options`` and ``label``, e.g. ``native +softcap=30,z_loss=1e-4``) is checked against the
+reference with the same options and reports ``vs_plain``, its median over the plain row's. The
+implementations from elsewhere (seed-style, Liger, CCE, torch) take no options: plain rows only.
+Such a run saves ``options-<options>-<slug>.*`` (e.g. options-softcap30-zloss1e-4-cpu-2core).
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -33,7 +42,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bench import report  # noqa: E402
-from bench.impls import IMPLS, select  # noqa: E402
+from bench.impls import IMPLS, OPTION_NAMES, select  # noqa: E402
 from bench.measure import floor_ms  # noqa: E402
 
 DEFAULTS = {
@@ -59,6 +68,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
     parser.add_argument("--alpha", type=float, default=0.5, help="alpha of the mixed rows (the ce-* rows use 0)")
     parser.add_argument("--temperature", type=float, default=1.0)
+    options = parser.add_argument_group(
+        "loss options", "any of these adds, for each implementation of the package, a row with the options beside "
+                        "its plain row (the others run plain only)")
+    options.add_argument("--logit-scale", type=float, default=None, metavar="S", help="logit_scale s > 0")
+    options.add_argument("--softcap", type=float, default=None, metavar="C", help="softcap c > 0 (c * tanh(x / c))")
+    options.add_argument("--label-smoothing", type=float, default=0.0, metavar="E", help="label_smoothing in [0, 1]")
+    options.add_argument("--z-loss", type=float, default=0.0, metavar="Z", help="z_loss >= 0 (Z * lse ** 2)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per mode (CPU 5, GPU 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed forward+backward calls first (CPU 1, GPU 3)")
     parser.add_argument("--seed", type=int, default=0)
@@ -91,7 +107,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--tokens and --repeats must be positive")
     if not 0.0 <= args.alpha <= 1.0 or args.temperature <= 0:
         parser.error("--alpha must be in [0, 1] and --temperature > 0")
+    try:
+        args.options = loss_options(args)
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def loss_options(args: argparse.Namespace) -> dict:
+    """The loss options turned on by the flags, as mixed_loss's keyword arguments (in the spec's order);
+    {} when none is."""
+    positive = {"logit_scale": args.logit_scale, "softcap": args.softcap}
+    for name, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0 (got {value})")
+    if not 0.0 <= args.label_smoothing <= 1.0:
+        raise ValueError(f"--label-smoothing must be in [0, 1] (got {args.label_smoothing})")
+    if not (math.isfinite(args.z_loss) and args.z_loss >= 0.0):
+        raise ValueError(f"--z-loss must be a finite number >= 0 (got {args.z_loss})")
+    values = {**positive, "label_smoothing": args.label_smoothing, "z_loss": args.z_loss}
+    off = {"logit_scale": None, "softcap": None, "label_smoothing": 0.0, "z_loss": 0.0}
+    return {name: float(values[name]) for name in OPTION_NAMES if values[name] != off[name]}
 
 
 # --------------------------------------------------------------------------- workers
@@ -163,6 +199,11 @@ def run_worker(task: str, conf: dict, timeout: float, on_event) -> dict:
 
 # --------------------------------------------------------------------------- assembling the result
 
+def variants(args, impl) -> list[dict]:
+    """The loss options of each run of ``impl``: {} (plain), then the options if any and it takes them."""
+    return [{}] + ([args.options] if args.options and impl.takes_options else [])
+
+
 def worker_conf(args, **extra) -> dict:
     conf = {"device": args.device, "dtype": args.dtype, "vocab": args.vocab, "hidden": args.hidden,
             "topk": args.topk, "alpha": args.alpha, "temperature": args.temperature, "tokens": args.tokens,
@@ -183,16 +224,24 @@ def add_derived(result: dict, args) -> None:
         for n in args.tokens for mode in args.modes
     ]
     floors = {(p["n_tokens"], p["mode"]): p["floor_ms"] for p in floor["per_point"]}
-    baselines = {}
+    baselines, plain = {}, {}
     for row in result["results"]:
-        if row["status"] == "ok" and IMPLS[row["impl"]].baseline:
+        if row["status"] == "ok" and not row.get("options"):
             for mode, stats in row["modes"].items():
-                baselines[(row["group"], row["n_tokens"], mode)] = (row["impl"], stats["median_ms"])
+                plain[(row["impl"], row["n_tokens"], mode)] = stats["median_ms"]
+                if IMPLS[row["impl"]].baseline:
+                    baselines[(row["group"], row["n_tokens"], mode)] = (row["impl"], stats["median_ms"])
     for row in result["results"]:
         for mode, stats in (row.get("modes") or {}).items():
             if IMPLS[row["impl"]].has_floor:
                 stats["floor_ms"] = floors[(row["n_tokens"], mode)]
                 stats["over_floor"] = stats["median_ms"] / stats["floor_ms"]
+            if row.get("options"):
+                # against the same implementation without the options; the baselines compute another loss
+                plain_ms = plain.get((row["impl"], row["n_tokens"], mode))
+                if plain_ms is not None:
+                    stats["vs_plain"] = stats["median_ms"] / plain_ms
+                continue
             base = baselines.get((row["group"], row["n_tokens"], mode))
             if base is not None:
                 stats["speedup_vs"] = base[0]
@@ -212,6 +261,14 @@ def git_commit() -> str | None:
     return None
 
 
+def stem(machine: dict, options: dict) -> str:
+    """The result files' name: the machine's slug, after the options for an options run."""
+    if not options:
+        return slug(machine)
+    what = "-".join(f"{name.replace('_', '')}{report.short_number(value)}" for name, value in options.items())
+    return f"options-{what}-{slug(machine)}"
+
+
 def slug(machine: dict) -> str:
     if machine["device"] == "cpu":
         return f"cpu-{machine.get('cpu_affinity') or machine['cpu_count']}core"
@@ -221,7 +278,8 @@ def slug(machine: dict) -> str:
 
 def assemble(args, argv, probe, results, unavailable, about, started, load_before, partial=False) -> dict:
     """The result document (what --json writes); ``partial``: some implementations have not run yet."""
-    results = sorted(results, key=lambda row: (row["n_tokens"], args.impls.index(row["impl"])))
+    results = sorted(results, key=lambda row: (row["n_tokens"], args.impls.index(row["impl"]),
+                                                bool(row.get("options"))))
     result = {
         "meta": {
             "command": shlex.join(["python", "bench/run.py", *argv]),
@@ -237,7 +295,8 @@ def assemble(args, argv, probe, results, unavailable, about, started, load_befor
         "machine": probe["machine"],
         "config": {"device": args.device, "dtype": args.dtype, "vocab": args.vocab, "hidden": args.hidden,
                    "topk": args.topk, "alpha": args.alpha, "temperature": args.temperature, "tokens": args.tokens,
-                   "modes": args.modes, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed},
+                   "modes": args.modes, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+                   **({"options": dict(args.options)} if args.options else {})},
         "floor": copy.deepcopy(probe["floor"]),
         "impls": copy.deepcopy(about),
         "unavailable": dict(unavailable),
@@ -253,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    progress = Progress(1 + len(args.impls) * len(args.tokens), not args.no_progress)
+    runs = sum(len(variants(args, IMPLS[name])) for name in args.impls)
+    progress = Progress(1 + runs * len(args.tokens), not args.no_progress)
 
     progress.describe("probe: machine, floor")
     probe_started = time.perf_counter()
@@ -273,37 +333,43 @@ def main(argv: list[str] | None = None) -> int:
         reason = probe["availability"].get(name)
         if reason is not None:
             unavailable[name] = reason
-            progress.step(len(args.tokens))
+            progress.step(len(args.tokens) * len(variants(args, impl)))
             continue
-        conf = worker_conf(args, impl=name, cache_bytes=probe["machine"]["cache_bytes"],
-                           cpu_peak_memory=probe["cpu_peak_memory"])
+        for options in variants(args, impl):
+            # the options row right after the plain one: the two are timed minutes apart at most
+            label = report.options_label(name, options) if options else name
+            tags = {"label": label, "options": dict(options)} if options else {}
+            conf = worker_conf(args, impl=name, cache_bytes=probe["machine"]["cache_bytes"],
+                               cpu_peak_memory=probe["cpu_peak_memory"], **({"options": options} if options else {}))
 
-        def on_event(event, name=name):
-            if event.get("stage") == "done":
-                progress.step()
-            else:
-                progress.describe(f"{name} N={event.get('n')} {event.get('stage')}")
+            def on_event(event, label=label):
+                if event.get("stage") == "done":
+                    progress.step()
+                else:
+                    progress.describe(f"{label} N={event.get('n')} {event.get('stage')}")
 
-        worker_started = time.perf_counter()
-        out = run_worker("impl", conf, args.timeout, on_event)
-        about[name]["worker_s"] = round(time.perf_counter() - worker_started, 1)
-        if out.get("unavailable"):
-            unavailable[name] = out["unavailable"]
-        points = out.get("points", [])
-        done = {p["n_tokens"] for p in points}
-        for n in args.tokens:
-            if n not in done:   # the worker died before this point
-                points.append({"n_tokens": n, "status": "error", "reason": out.get("error", "no result"),
-                               "stderr_tail": out.get("stderr_tail", "")[-1500:]})
-        if out.get("unavailable") is None:
-            for point in points:
-                results.append({"impl": name, "group": impl.group, "alpha": impl.alpha_value(args.alpha), **point})
-        if "error" in out:
-            progress.step(len(args.tokens) - len(done))
-        if args.json_path:   # what has run so far, in case the run is stopped before the end
-            partial = assemble(args, argv, probe, results, unavailable, about, started, load_before, partial=True)
-            report.write_json(partial, args.json_path + ".tmp")
-            os.replace(args.json_path + ".tmp", args.json_path)
+            worker_started = time.perf_counter()
+            out = run_worker("impl", conf, args.timeout, on_event)
+            about[name]["options_worker_s" if options else "worker_s"] = round(time.perf_counter() - worker_started, 1)
+            if out.get("unavailable"):
+                unavailable[label] = out["unavailable"]
+            points = out.get("points", [])
+            done = {p["n_tokens"] for p in points}
+            for n in args.tokens:
+                if n not in done:   # the worker died before this point
+                    points.append({"n_tokens": n, "status": "error", "reason": out.get("error", "no result"),
+                                   "stderr_tail": out.get("stderr_tail", "")[-1500:]})
+            if out.get("unavailable") is None:
+                for point in points:
+                    results.append({"impl": name, "group": impl.group, "alpha": impl.alpha_value(args.alpha),
+                                    **tags, **point})
+            if "error" in out:
+                progress.step(len(args.tokens) - len(done))
+            if args.json_path:   # what has run so far, in case the run is stopped before the end
+                partial = assemble(args, argv, probe, results, unavailable, about, started, load_before,
+                                   partial=True)
+                report.write_json(partial, args.json_path + ".tmp")
+                os.replace(args.json_path + ".tmp", args.json_path)
     progress.close()
     result = assemble(args, argv, probe, results, unavailable, about, started, load_before)
     print(report.format_text(result))
@@ -311,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = {"json": args.json_path, "plot": args.plot_path, "markdown": args.markdown_path}
     if not args.no_save:
         os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, slug(result["machine"]))
+        base = os.path.join(args.out_dir, stem(result["machine"], args.options))
         for key, ext in (("json", ".json"), ("plot", ".png"), ("markdown", ".md")):
-            paths[key] = paths[key] or stem + ext
+            paths[key] = paths[key] or base + ext
     if paths["json"]:
         report.write_json(result, paths["json"])
     if paths["markdown"]:

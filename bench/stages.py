@@ -187,7 +187,7 @@ def run(args) -> list[dict]:
             if args.path == "grad-in-forward":
                 return ops.forward_backward_rows(logits, labels, embedding, grad_ce, grad_cos, options,
                                                  need_logits_grad=True, need_embedding_grad=with_cos)
-            _, _, _, saved = ops.forward_rows(logits, labels, embedding, options)
+            saved = ops.forward_rows(logits, labels, embedding, options).saved
             return ops.backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options,
                                      need_logits_grad=True, need_embedding_grad=with_cos)
 

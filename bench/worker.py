@@ -36,7 +36,8 @@ def emit(**fields) -> None:
 
 def make_config(conf: dict) -> Config:
     return Config(device=conf["device"], dtype=DTYPES[conf["dtype"]], vocab=conf["vocab"], hidden=conf["hidden"],
-                  topk=conf["topk"], alpha=conf["alpha"], temperature=conf["temperature"])
+                  topk=conf["topk"], alpha=conf["alpha"], temperature=conf["temperature"],
+                  options=tuple((conf.get("options") or {}).items()))
 
 
 # --------------------------------------------------------------------------- probe
@@ -159,6 +160,9 @@ def run_impl(conf: dict, save=lambda out: None) -> dict:
     (the kernel's OOM killer, a segfault) keeps what was measured before it."""
     impl: Impl = IMPLS[conf["impl"]]
     cfg = make_config(conf)
+    if cfg.options and not impl.takes_options:
+        raise ValueError(f"{impl.name} does not take the loss options {dict(cfg.options)}: only the package's "
+                         "implementations run with them")
     out = {"impl": impl.name, "points": []}
     reason = impl.unavailable(cfg)
     if reason is not None:

@@ -157,3 +157,155 @@ def test_train_step_times_every_variant_and_their_mixed_losses_agree(tmp_path):
     assert max(mixed) - min(mixed) <= 1e-4 * abs(mixed[0])
     assert abs(mixed[0] - rows["ce-hf"]["loss"]) > 1e-3  # alpha = 0.5: not the cross-entropy alone
     assert json.loads(out.read_text())["rows"][0]["variant"] == "ce-hf"
+
+
+# --------------------------------------------------------------------------- loss options (--softcap, --z-loss, ...)
+
+OPTIONS_FLAGS = ["--softcap", "30", "--z-loss", "1e-4"]
+OPTIONS = {"softcap": 30.0, "z_loss": 1e-4}
+OPTIONS_IMPLS = ["seed-style", "reference", "native", "selftest-ignores-options"]
+
+
+def _in_process_worker(task, conf, timeout, on_event):
+    """bench/run.py's workers run here instead of in subprocesses (seconds instead of a minute); the
+    configuration still goes through JSON as it does to a subprocess."""
+    from bench import worker
+    conf = json.loads(json.dumps(conf))
+    return worker.probe(conf) if task == "probe" else worker.run_impl(conf)
+
+
+@pytest.fixture(scope="module")
+def options_run(tmp_path_factory):
+    """A tiny run with --softcap 30 --z-loss 1e-4, the reference, native (if it builds here) and an
+    implementation that drops the options (right plain, wrong with them)."""
+    import contextlib
+    import io
+
+    from bench import impls, run
+
+    out = tmp_path_factory.mktemp("bench_options")
+    paths = {"json": out / "options.json", "markdown": out / "options.md"}
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(impls.IMPLS, "selftest-ignores-options", impls.Impl(
+            "selftest-ignores-options", "mixed", "drops the options", impls._build_ignoring_options,
+            takes_options=True))
+        patch.setattr(run, "run_worker", _in_process_worker)
+        with contextlib.redirect_stdout(stdout):
+            code = run.main(["--device", "cpu", "--vocab", "1000", "--hidden", "32", "--tokens", "16", "--topk", "8",
+                             "--repeats", "1", "--no-memory", "--impl", ",".join(OPTIONS_IMPLS), *OPTIONS_FLAGS,
+                             "--no-save", "--no-progress", "--json", str(paths["json"]),
+                             "--markdown", str(paths["markdown"])])
+    assert code == 0, stdout.getvalue()[-3000:]
+    return json.loads(paths["json"].read_text()), stdout.getvalue(), paths
+
+
+def _rows(data: dict, impl: str) -> tuple[list[dict], list[dict]]:
+    """(plain rows, options rows) of one implementation."""
+    rows = [row for row in data["results"] if row["impl"] == impl]
+    return [row for row in rows if not row.get("options")], [row for row in rows if row.get("options")]
+
+
+def test_options_rows_sit_beside_the_plain_rows_with_their_ratio(options_run):
+    data, stdout, paths = options_run
+    assert data["config"]["options"] == OPTIONS
+    ran = [name for name in ("reference", "native") if name not in data["unavailable"]]
+    assert "reference" in ran
+    for name in ran:
+        (plain,), (with_options,) = _rows(data, name)
+        assert plain["status"] == with_options["status"] == "ok", (plain, with_options)
+        assert with_options["options"] == OPTIONS
+        assert with_options["label"] == f"{name} +softcap=30,z_loss=1e-4"
+        assert data["results"].index(with_options) == data["results"].index(plain) + 1
+        for mode in ("fwd", "fwd+bwd"):
+            stats = with_options["modes"][mode]
+            assert stats["vs_plain"] == pytest.approx(stats["median_ms"] / plain["modes"][mode]["median_ms"])
+            assert "speedup" not in stats and "vs_plain" not in plain["modes"][mode]
+            assert plain["modes"][mode]["speedup_vs"] == "seed-style"
+        assert f"{name} +softcap=30,z_loss=1e-4" in stdout
+    assert "vs plain" in stdout
+    assert "| N | impl | check | mode | median ms | p20-p80 ms | x floor | speedup | vs plain | extra MB |" \
+        in paths["markdown"].read_text()
+
+
+def test_outside_implementations_get_no_options_row(options_run):
+    data, _, _ = options_run
+    plain, with_options = _rows(data, "seed-style")
+    assert len(plain) == 1 and plain[0]["status"] == "ok" and not with_options
+
+
+def test_options_rows_are_checked_against_the_reference_with_the_options(options_run):
+    """The native options row's reference loss is mixed_loss with the options on the same inputs
+    (computed here independently), not the plain one."""
+    from bench.inputs import make_embedding, make_set
+    from fused_cosloss import mixed_loss
+
+    data, _, _ = options_run
+    if "native" in data["unavailable"]:
+        pytest.skip(f"native unavailable: {data['unavailable']['native']}")
+    (plain,), (with_options,) = _rows(data, "native")
+    inputs = make_set("logits", 16, 1000, 32, 8, torch.float32, "cpu", seed=0, index=0)
+    embedding = make_embedding(1000, 32, torch.float32, "cpu", seed=0)
+    expected = {key: float(mixed_loss(inputs["logits"], inputs["labels"], embedding, alpha=0.5, topk=8,
+                                      backend="reference", **options))
+                for key, options in (("plain", {}), ("options", OPTIONS))}
+    assert expected["options"] != pytest.approx(expected["plain"], rel=1e-4)
+    assert with_options["check"]["loss_ref"] == pytest.approx(expected["options"], rel=1e-6)
+    assert plain["check"]["loss_ref"] == pytest.approx(expected["plain"], rel=1e-6)
+    assert with_options["check"]["passed"]
+
+
+def test_an_implementation_that_drops_the_options_is_wrong_on_its_options_row(options_run):
+    data, stdout, _ = options_run
+    (plain,), (with_options,) = _rows(data, "selftest-ignores-options")
+    assert plain["status"] == "ok" and plain["check"]["passed"]
+    assert with_options["status"] == "WRONG" and not with_options["check"]["passed"]
+    assert "modes" not in with_options
+    assert "selftest-ignores-options +softcap=30,z_loss=1e-4: WRONG" in stdout
+
+
+def test_plain_run_has_no_options_rows(tiny_run):
+    data, stdout, paths = tiny_run
+    assert "options" not in data["config"]
+    assert not [row for row in data["results"] if "options" in row or "label" in row]
+    assert not [stats for row in data["results"] for stats in (row.get("modes") or {}).values() if "vs_plain" in stats]
+    assert "vs plain" not in stdout and "loss options" not in stdout
+    assert "vs plain" not in paths["markdown"].read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--softcap", "0"], "--softcap must be a finite number > 0"),
+    (["--logit-scale", "-1"], "--logit-scale must be a finite number > 0"),
+    (["--softcap", "inf"], "--softcap must be a finite number > 0"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1]"),
+    (["--z-loss=-1e-4"], "--z-loss must be a finite number >= 0"),
+])
+def test_bad_loss_options_are_refused(flags, message, capsys):
+    from bench import run
+    with pytest.raises(SystemExit):
+        run.parse_args(["--device", "cpu", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_loss_options_flags_and_names():
+    from bench import report, run
+    assert run.parse_args(["--device", "cpu"]).options == {}
+    assert run.parse_args(["--device", "cpu", "--z-loss", "0", "--label-smoothing", "0"]).options == {}
+    args = run.parse_args(["--device", "cpu", "--z-loss", "1e-4", "--label-smoothing", "0.1", "--softcap", "30",
+                           "--logit-scale", "0.5"])
+    assert list(args.options.items()) == [("logit_scale", 0.5), ("softcap", 30.0), ("label_smoothing", 0.1),
+                                          ("z_loss", 1e-4)]
+    assert report.options_label("native", {"softcap": 30.0, "z_loss": 1e-4}) == "native +softcap=30,z_loss=1e-4"
+    machine = {"device": "cpu", "cpu_affinity": 2, "cpu_count": 2}
+    assert run.stem(machine, {}) == "cpu-2core"
+    assert run.stem(machine, {"softcap": 30.0, "z_loss": 1e-4}) == "options-softcap30-zloss1e-4-cpu-2core"
+    for value in (30.0, 1e-4, 0.1, 1 / 3, 2.5e-3, 1e3, 1.5e20):
+        assert float(report.short_number(value)) == value
+
+
+def test_worker_refuses_options_for_an_implementation_that_does_not_take_them():
+    from bench import worker
+    conf = {"device": "cpu", "dtype": "float32", "vocab": 100, "hidden": 8, "topk": 4, "alpha": 0.5,
+            "temperature": 1.0, "tokens": [4], "impl": "seed-style", "options": {"softcap": 30.0}}
+    with pytest.raises(ValueError, match="seed-style does not take the loss options"):
+        worker.run_impl(conf)
