@@ -7,6 +7,9 @@ of the bytes alive during a forward and a backward, as autograd runs them (the s
 kept from one to the other), minus the two gradients, is the backend's extra memory. The
 issue's bound is 5% of the logits' bytes at N = 8192, V = 50257, H = 768, K = 256, bfloat16.
 
+The loss options (a logit scale, a soft-cap, label smoothing, the z-loss) are flags of the
+kernels and add no buffer: the counts are the same with all of them on.
+
 What this cannot see: workspace a library call takes internally, and allocator rounding. The
 one call with a large workspace, ``torch.sort`` (on CUDA: a copy of the keys and a radix
 sort's alternate buffers of keys and int64 indices), is charged for it while it runs
@@ -31,7 +34,7 @@ S_SAVED = N * TOPK * (2 + 2)  # S's indices (int16 at this vocabulary) and value
 CHUNK = 128  # columns of H per chunk of the backward at this shape (1/64 of the logits' bytes)
 DOCUMENTED_FORWARD_BYTES = (ROW_SCALARS + S_SAVED + N * TOPK * 2  # indices written as int32, then narrowed
                             + PROGRAMS * 2048 * 8  # + the selection's scratch
-                            + N * (4 + 4 + 1))  # + ce, cos, correct
+                            + N * (4 + 4 + 1 + 4))  # + ce, cos, correct, lse
 DOCUMENTED_BACKWARD_BYTES = (ROW_SCALARS + S_SAVED
                              + N * TOPK * 4 + 8 * (VOCAB + 1) * 4  # S's entries grouped by v, 8 pieces' offsets
                              + N * TOPK * 4  # s, summed over the chunks
@@ -130,21 +133,30 @@ def bench_inputs():
     return inputs
 
 
+OPTIONS = {
+    "options-off": LossOptions(1.0, TOPK, -100, True),
+    "options-on": LossOptions(1.0, TOPK, -100, True, logit_scale=2.0, softcap=30.0, label_smoothing=0.1),
+}
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("inplace", [False, True], ids=["gradient", "inplace"])
-def test_extra_memory_at_the_benchmark_shape_is_under_5_percent(stubbed, bench_inputs, inplace):
+def test_extra_memory_at_the_benchmark_shape_is_under_5_percent(stubbed, bench_inputs, inplace, options):
     ops = stubbed
+    options = OPTIONS[options]
     logits, embedding, labels, grad_ce, grad_cos = bench_inputs
+    grad_lse = None if options == OPTIONS["options-off"] else grad_cos  # with the options, an lse term too
 
     forward_mode = LiveBytes()
     with forward_mode:
-        _, _, _, saved = ops.forward_rows(logits, labels, embedding, LossOptions(1.0, TOPK, -100, True))
+        saved = ops.forward_rows(logits, labels, embedding, options).saved
     saved_bytes = sum(t.untyped_storage().nbytes() for t in saved)
 
     backward_mode = LiveBytes()
     with backward_mode:
-        dlogits, demb = ops.backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos,
-                                          LossOptions(1.0, TOPK, -100, True), need_logits_grad=True,
-                                          need_embedding_grad=True, inplace=inplace)
+        dlogits, demb = ops.backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options,
+                                          need_logits_grad=True, need_embedding_grad=True, inplace=inplace,
+                                          grad_lse=grad_lse)
     gradients = _gradient_bytes(dlogits, demb, logits, inplace)
     backward_extra = saved_bytes + backward_mode.peak - gradients
     # the forward's temporaries (the values of S, the selection's scratch) are gone with it
@@ -159,17 +171,21 @@ def test_extra_memory_at_the_benchmark_shape_is_under_5_percent(stubbed, bench_i
     assert abs(forward_mode.peak - DOCUMENTED_FORWARD_BYTES) < 1e6
 
 
+@pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("inplace", [False, True], ids=["gradient", "inplace"])
-def test_extra_memory_with_the_gradient_in_the_forward(stubbed, bench_inputs, inplace):
-    """forward_backward_rows (mixed_loss's grad_in_forward): one call, the backward's peak."""
+def test_extra_memory_with_the_gradient_in_the_forward(stubbed, bench_inputs, inplace, options):
+    """forward_backward_rows (mixed_loss's grad_in_forward): one call, the backward's peak (with the
+    options, the z-loss's coefficients too)."""
     ops = stubbed
+    options = OPTIONS[options]
     logits, embedding, labels, grad_ce, grad_cos = bench_inputs
+    grad_lse_square = None if options == OPTIONS["options-off"] else grad_cos
     mode = LiveBytes()
     with mode:
-        outputs = ops.forward_backward_rows(logits, labels, embedding, grad_ce, grad_cos,
-                                            LossOptions(1.0, TOPK, -100, True), need_logits_grad=True,
-                                            need_embedding_grad=True, inplace=inplace)
-    dlogits, demb = outputs[3], outputs[4]
+        outputs = ops.forward_backward_rows(logits, labels, embedding, grad_ce, grad_cos, options,
+                                            need_logits_grad=True, need_embedding_grad=True, inplace=inplace,
+                                            grad_lse_square=grad_lse_square)
+    dlogits, demb = outputs[4], outputs[5]
     extra = mode.peak - _gradient_bytes(dlogits, demb, logits, inplace)
     print(f"\ngradient in the forward: peak {extra / 1e6:.1f} MB ({extra / LOGITS_BYTES:.2%} of the logits)")
     assert extra <= 0.05 * LOGITS_BYTES

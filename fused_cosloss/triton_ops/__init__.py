@@ -22,6 +22,10 @@ and the saved state's named columns (``layout.py``).
   kernel finds the threshold of S, and the cosine term goes through matrix products with E
   (``dense.py``).
 * ``with_cos=False``: only logsumexp / argmax in the forward and the dense CE gradient.
+* the loss options (``LossOptions.logit_scale``, ``softcap``, ``label_smoothing``): every kernel
+  that reads a logit turns it into z' as it loads it (``transform.py``); each is a constexpr flag
+  of the kernels, off at its default. lse_n is ``max + log_sum`` of the saved statistics, and the
+  z-loss's coefficient ``2 grad_lse_square lse_n`` is formed in the row kernel's gradient pass.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from .backward import cosine_backward, launch_backward_rows
 from .config import CONFIG
 from .dense import dense_backward, dense_forward
 from .forward import launch_cosine, launch_row_stats
-from .layout import COS_VALUE, ROW_WIDTH, TritonSaved, host_column, index_dtype
+from .layout import COS_VALUE, ROW_WIDTH, STAT_LOG_SUM, STAT_MAX, TritonSaved, host_column, index_dtype
 from .tiles import CE_ONLY, DENSE, SPARSE
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -69,18 +73,23 @@ def _mode(options: LossOptions) -> int:
 
 
 def forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:
-    """ce, cos, correct and the saved state (``TritonSaved``)."""
+    """ce, cos, correct, lse and the saved state (``TritonSaved``)."""
     return _forward(logits, labels, embedding, options)
 
 
+def _lse(stats):
+    """lse_n = max + log sum exp(z' - max) of the saved statistics (both 0 at ignored rows), in float32."""
+    return host_column(stats, STAT_MAX) + host_column(stats, STAT_LOG_SUM)
+
+
 def _forward(logits, labels, embedding, options: LossOptions, gradient=None) -> RowsForward:
-    """forward_rows; with ``gradient = (grad_ce, grad_cos, dlogits)`` the row kernel also writes
-    the logits gradient outside S into ``dlogits`` (which may be the logits)."""
+    """forward_rows; with ``gradient = (grad_ce, grad_cos, grad_lse_square, dlogits)`` the row kernel
+    also writes the logits gradient outside S into ``dlogits`` (which may be the logits)."""
     n, vocab = logits.shape
     hidden = embedding.shape[1]
     device = logits.device
     mode = _mode(options)
-    k, ignore_index, temperature = options.k, options.ignore_index, options.temperature
+    k = options.k
     ce = torch.empty(n, device=device, dtype=torch.float32)
     correct = torch.empty(n, device=device, dtype=torch.int8)
     stats = torch.empty(n, ROW_WIDTH.value, device=device, dtype=torch.float32)
@@ -92,8 +101,8 @@ def _forward(logits, labels, embedding, options: LossOptions, gradient=None) -> 
     s_val = torch.empty(s_shape, device=device, dtype=logits.dtype)  # exact: they are logits
     if n > 0:
         launch_row_stats(logits, labels, ce=ce, correct=correct, stats=stats, tie=tie,
-                         s_idx=s_idx if sparse else None, s_val=s_val if sparse else None, mode=mode, k=k,
-                         ignore_index=ignore_index, temperature=temperature, gradient=gradient)
+                         s_idx=s_idx if sparse else None, s_val=s_val if sparse else None, mode=mode, options=options,
+                         gradient=gradient)
     if sparse:
         s_idx = s_idx.to(index_dtype(vocab))  # saved in 16 bits while V allows
     mu = torch.empty(0, hidden, device=device)  # kept by the dense path only
@@ -101,15 +110,14 @@ def _forward(logits, labels, embedding, options: LossOptions, gradient=None) -> 
     if mode == SPARSE:
         cstats = torch.empty(n, ROW_WIDTH.value, device=device, dtype=torch.float32)
         if n > 0:
-            launch_cosine(embedding, labels, stats=stats, s_idx=s_idx, s_val=s_val, cstats=cstats, k=k,
-                          ignore_index=ignore_index, temperature=temperature)
+            launch_cosine(embedding, labels, stats=stats, s_idx=s_idx, s_val=s_val, cstats=cstats, options=options)
     elif mode == DENSE and n > 0:
-        mu, cstats = dense_forward(logits, labels, embedding, stats, tie, temperature, ignore_index)
+        mu, cstats = dense_forward(logits, labels, embedding, stats, tie, options)
     if options.with_cos:
         cos = host_column(cstats, COS_VALUE).clone()
     else:
         cos = torch.zeros(n, device=device, dtype=torch.float32)
-    return RowsForward(ce, cos, correct.bool(), TritonSaved(stats, tie, s_idx, s_val, mu, cstats))
+    return RowsForward(ce, cos, correct.bool(), _lse(stats), TritonSaved(stats, tie, s_idx, s_val, mu, cstats))
 
 
 def fake_forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:
@@ -130,60 +138,72 @@ def fake_forward_rows(logits, labels, embedding, options: LossOptions) -> RowsFo
         mu=empty(n if mode == DENSE else 0, hidden),
         cstats=empty(n if options.with_cos else 0, ROW_WIDTH.value),
     )
-    return RowsForward(empty(n), empty(n), empty(n, dtype=torch.bool), saved)
+    return RowsForward(empty(n), empty(n), empty(n, dtype=torch.bool), empty(n), saved)
 
 
 def backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options: LossOptions, *,
-                  need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
-    """(dlogits, dembedding) from the saved state (a ``TritonSaved`` or its six tensors in order)."""
+                  need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None, grad_lse=None):
+    """(dlogits, dembedding) from the saved state (a ``TritonSaved`` or its six tensors in order);
+    ``grad_lse``: the coefficients of lse_n, or None."""
     saved = TritonSaved(*saved)
     n, vocab = logits.shape
     grad_ce = grad_ce.to(torch.float32).contiguous()
     grad_cos = grad_cos.to(torch.float32).contiguous()
+    if grad_lse is not None:
+        grad_lse = grad_lse.to(torch.float32).contiguous()
     want_demb = need_embedding_grad and options.with_cos
     if n == 0:
         dlogits = (logits if inplace else torch.zeros_like(logits)) if need_logits_grad else None
         demb = torch.zeros_like(embedding) if want_demb and embedding_grad_out is None else None
         return dlogits, demb
     if _mode(options) == DENSE:
-        return dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, temperature=options.temperature,
-                              ignore_index=options.ignore_index, need_logits_grad=need_logits_grad,
-                              want_demb=want_demb, inplace=inplace, embedding_grad_out=embedding_grad_out)
+        return dense_backward(logits, labels, embedding, saved, grad_ce, grad_cos, options,
+                              need_logits_grad=need_logits_grad, want_demb=want_demb, inplace=inplace,
+                              embedding_grad_out=embedding_grad_out, grad_lse=grad_lse)
     dlogits = None
     if need_logits_grad:
         # outside S; the vocabulary pass writes S's entries
         dlogits = logits if inplace else torch.empty(n, vocab, device=logits.device, dtype=logits.dtype)
         launch_backward_rows(logits, labels, grad_ce=grad_ce, grad_cos=grad_cos, stats=saved.stats, tie=saved.tie,
-                             dlogits=dlogits, ignore_index=options.ignore_index, with_cos=options.with_cos)
+                             dlogits=dlogits, options=options, grad_lse=grad_lse)
     demb = None
     if options.with_cos and (need_logits_grad or want_demb):
-        demb = cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, k=options.k,
-                               ignore_index=options.ignore_index, temperature=options.temperature, dlogits=dlogits,
-                               want_demb=want_demb, embedding_grad_out=embedding_grad_out)
+        demb = cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, options, dlogits=dlogits,
+                               want_demb=want_demb, embedding_grad_out=embedding_grad_out, grad_lse=grad_lse)
     return dlogits, demb
 
 
 def forward_backward_rows(logits, labels, embedding, grad_ce, grad_cos, options: LossOptions, *,
-                          need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None):
+                          need_logits_grad, need_embedding_grad, inplace=False, embedding_grad_out=None,
+                          grad_lse_square=None):
     """``forward_rows`` and ``backward_rows`` in one call, for a loss whose per-row coefficients
-    ``grad_ce`` / ``grad_cos`` are known in the forward (-> ce, cos, correct, dlogits, dembedding).
-    The row kernel writes the gradient outside S in its last pass over each row (read from
-    L2, just read), so the logits are read from device memory once, as Liger-Kernel's
-    cross-entropy does; the cosine term's share follows as in ``backward_rows``."""
+    ``grad_ce`` / ``grad_cos`` (and ``grad_lse_square`` on lse_n ** 2, the z-loss, or None) are known
+    in the forward (-> ce, cos, correct, lse, dlogits, dembedding). The row kernel writes the
+    gradient outside S in its last pass over each row (read from L2, just read), so the logits
+    are read from device memory once, as Liger-Kernel's cross-entropy does; the z-loss's
+    coefficient 2 grad_lse_square lse_n is formed there, the row's lse being known by then. The
+    cosine term's share follows as in ``backward_rows``."""
     n, vocab = logits.shape
     backward_options = dict(need_logits_grad=need_logits_grad, need_embedding_grad=need_embedding_grad,
                             inplace=inplace, embedding_grad_out=embedding_grad_out)
+    if grad_lse_square is not None:
+        grad_lse_square = grad_lse_square.to(torch.float32).contiguous()
     if not need_logits_grad or n == 0 or _mode(options) == DENSE:
-        ce, cos, correct, saved = forward_rows(logits, labels, embedding, options)
-        dlogits, demb = backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options, **backward_options)
-        return ce, cos, correct, dlogits, demb
+        ce, cos, correct, lse, saved = forward_rows(logits, labels, embedding, options)
+        grad_lse = None if grad_lse_square is None else 2.0 * grad_lse_square * lse
+        dlogits, demb = backward_rows(logits, labels, embedding, saved, grad_ce, grad_cos, options,
+                                      grad_lse=grad_lse, **backward_options)
+        return ce, cos, correct, lse, dlogits, demb
     grad_ce = grad_ce.to(torch.float32).contiguous()
     grad_cos = grad_cos.to(torch.float32).contiguous()
     dlogits = logits if inplace else torch.empty(n, vocab, device=logits.device, dtype=logits.dtype)
-    ce, cos, correct, saved = _forward(logits, labels, embedding, options, gradient=(grad_ce, grad_cos, dlogits))
+    ce, cos, correct, lse, saved = _forward(logits, labels, embedding, options,
+                                            gradient=(grad_ce, grad_cos, grad_lse_square, dlogits))
     demb = None
     if options.with_cos:
-        demb = cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, k=options.k,
-                               ignore_index=options.ignore_index, temperature=options.temperature, dlogits=dlogits,
-                               want_demb=need_embedding_grad, embedding_grad_out=embedding_grad_out)
-    return ce, cos, correct, dlogits, demb
+        # S's entries: the same coefficient as the row kernel formed, (2 grad_lse_square) lse
+        grad_lse = None if grad_lse_square is None else 2.0 * grad_lse_square * lse
+        demb = cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, options, dlogits=dlogits,
+                               want_demb=need_embedding_grad, embedding_grad_out=embedding_grad_out,
+                               grad_lse=grad_lse)
+    return ce, cos, correct, lse, dlogits, demb

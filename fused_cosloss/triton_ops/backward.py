@@ -48,6 +48,7 @@ from .config import CONFIG
 from .embedding_grad import launch_vocabulary_pass
 from .gather import expected_embedding, load_index, selection_weight
 from .layout import COS_NORM_E, COS_NORM_MU, COS_VALUE, STAT_LOG_SUM, STAT_MAX, STAT_S_SUM, STAT_THRESHOLD, column
+from .transform import chain, smoothing_args, transform_args, transformed, transformed_with_slope
 
 EPS = tl.constexpr(1e-12)
 
@@ -69,8 +70,9 @@ def _direction_coefficients(cstats_ptr, rows64, valid):
 @triton.jit
 def direction_chunk_kernel(
     emb_ptr, labels_ptr, s_idx_ptr, s_val_ptr, stats_ptr, cstats_ptr, grad_cos_ptr, g_ptr, t_ptr,
-    N, K, H, h0, C, ignore_index, temperature,
-    WRITE_T: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+    N, K, H, h0, C, ignore_index, temperature, scale, inv_cap, cap,
+    WRITE_T: tl.constexpr, SCALE: tl.constexpr, CAP: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
 ):
     """Columns [h0, h0 + C) of g = a e + b mu (``g_ptr``) and of grad_cos * (a mu + d e)
     (``t_ptr``, with WRITE_T), [N, C] float32, for the rows the cosine term reaches
@@ -91,7 +93,7 @@ def direction_chunk_kernel(
             h = h0 + j
             h_in = (j < C) & (h < H)
             mu = expected_embedding(emb_ptr, s_idx_ptr, s_val_ptr, rows64, used, z_max, z_sum, K, H, h, h_in,
-                                    temperature, BR=BR, BK=BK, BH=BH)
+                                    temperature, scale, inv_cap, cap, SCALE, CAP, BR=BR, BK=BK, BH=BH)
             both = used[:, None] & h_in[None, :]
             e = tl.load(e_rows[:, None] + h[None, :], mask=both, other=0.0).to(tl.float32)
             at = rows64[:, None] * C + j[None, :]
@@ -109,35 +111,58 @@ def cosine_rows(grad_cos_ptr, rows64, valid, log_sum):
 
 
 @triton.jit
-def write_outside_s(in_rows, out_rows, y, row_in, valid, g_ce, z_max, log_sum, exclude, t_val, tie_cut, V,
-                    BV: tl.constexpr):
-    """dz_v = g_ce (exp(z_v - max - log_sum) - [v == y]) for every v of the rows (``in_rows`` / ``out_rows``:
-    [BR] row pointers) except, in the rows ``exclude`` marks, the members of S
-    (``z > t_val or (z == t_val and v <= tie_cut)``). Ignored rows get zeros."""
+def ce_gradient(p, is_label, g_ce, g_lse, smoothing, V, LSE: tl.constexpr, SMOOTH: tl.constexpr):
+    """d/dz' of g_ce ce + g_lse lse at entries of softmax p (``is_label``: v == y): g_ce (p - [v == y])
+    without the options; (g_ce + g_lse) p - g_ce ((1 - smoothing) [v == y] + smoothing / V) with them."""
+    target = tl.where(is_label, 1.0, 0.0)
+    if SMOOTH:
+        target = tl.where(is_label, 1.0 - smoothing, 0.0) + smoothing / V
+    if LSE:
+        return (g_ce + g_lse) * p - g_ce * target
+    else:
+        return g_ce * (p - target)
+
+
+@triton.jit
+def write_outside_s(in_rows, out_rows, y, row_in, valid, g_ce, g_lse, z_max, log_sum, exclude, t_val, tie_cut, V,
+                    smoothing, scale, inv_cap, cap, LSE: tl.constexpr, SMOOTH: tl.constexpr, SCALE: tl.constexpr,
+                    CAP: tl.constexpr, BV: tl.constexpr):
+    """dz_v = g_ce (p_v - [v == y]) for every v of the rows (``in_rows`` / ``out_rows``: [BR] row pointers)
+    except, in the rows ``exclude`` marks, the members of S (``z' > t_val or (z' == t_val and v <= tie_cut)``),
+    with p_v = exp(z'_v - max - log_sum); with the options: + g_lse p_v (LSE), the target
+    (1 - smoothing) [v == y] + smoothing / V (SMOOTH), and times dz'/dz (SCALE, CAP). Ignored rows get zeros."""
     lanes = tl.arange(0, BV)
     for start in range(0, V, BV):
         offs = start + lanes
         inside = (offs < V)[None, :]
         z = tl.load(in_rows[:, None] + offs[None, :], mask=valid[:, None] & inside, other=0.0).to(tl.float32)
+        slope = z
+        if SCALE or CAP:
+            z, slope = transformed_with_slope(z, scale, inv_cap, cap, SCALE, CAP)
         tie_taken = (z == t_val[:, None]) & (offs[None, :] <= tie_cut[:, None])
         member = exclude[:, None] & ((z > t_val[:, None]) | tie_taken)
         p = tl.exp((z - z_max[:, None]) - log_sum[:, None])
-        dz = g_ce[:, None] * (p - tl.where(offs[None, :] == y[:, None], 1.0, 0.0))
+        dz = ce_gradient(p, offs[None, :] == y[:, None], g_ce[:, None], g_lse[:, None], smoothing, V, LSE, SMOOTH)
+        dz = chain(dz, slope, SCALE, CAP)
         tl.store(out_rows[:, None] + offs[None, :], dz.to(out_rows.dtype.element_ty),
                  mask=row_in[:, None] & inside & ~member)
 
 
 @triton.jit
 def backward_rows_kernel(
-    logits_ptr, stride_row, labels_ptr, grad_ce_ptr, grad_cos_ptr, stats_ptr, tie_ptr, dlogits_ptr, out_stride,
-    N, V, ignore_index,
-    WITH_COS: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr,
+    logits_ptr, stride_row, labels_ptr, grad_ce_ptr, grad_cos_ptr, grad_lse_ptr, stats_ptr, tie_ptr, dlogits_ptr,
+    out_stride, N, V, ignore_index, smoothing, scale, inv_cap, cap,
+    WITH_COS: tl.constexpr, SMOOTH: tl.constexpr, SCALE: tl.constexpr, CAP: tl.constexpr,
+    BR: tl.constexpr, BV: tl.constexpr,
 ):
     rows64 = tl.cast(tl.program_id(0), tl.int64) * BR + tl.arange(0, BR)
     row_in = rows64 < N
     y = tl.load(labels_ptr + rows64, mask=row_in, other=ignore_index)
     valid = row_in & (y != ignore_index)
     g_ce = tl.load(grad_ce_ptr + rows64, mask=valid, other=0.0)  # ignored rows: zero gradient
+    g_lse = g_ce
+    if grad_lse_ptr is not None:
+        g_lse = tl.load(grad_lse_ptr + rows64, mask=valid, other=0.0)
     log_sum = tl.load(column(stats_ptr, rows64, STAT_LOG_SUM), mask=valid, other=0.0)
     z_max = tl.load(column(stats_ptr, rows64, STAT_MAX), mask=valid, other=0.0)
     t_val = tl.zeros([BR], tl.float32)
@@ -148,14 +173,15 @@ def backward_rows_kernel(
         t_val = tl.load(column(stats_ptr, rows64, STAT_THRESHOLD), mask=exclude, other=0.0)
         tie_cut = tl.load(tie_ptr + rows64, mask=exclude, other=-1)
     write_outside_s(logits_ptr + rows64 * stride_row, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce,
-                    z_max, log_sum, exclude, t_val, tie_cut, V, BV)
+                    g_lse, z_max, log_sum, exclude, t_val, tie_cut, V, smoothing, scale, inv_cap, cap,
+                    grad_lse_ptr is not None, SMOOTH, SCALE, CAP, BV)
 
 
 @triton.jit
 def selected_grad_kernel(
-    labels_ptr, s_idx_ptr, s_val_ptr, s_dot_ptr, stats_ptr, grad_ce_ptr, grad_cos_ptr, dlogits_ptr, out_stride,
-    N, K, ignore_index, temperature,
-    BR: tl.constexpr, BK: tl.constexpr,
+    labels_ptr, s_idx_ptr, s_val_ptr, s_dot_ptr, stats_ptr, grad_ce_ptr, grad_cos_ptr, grad_lse_ptr, dlogits_ptr,
+    out_stride, N, K, V, ignore_index, temperature, smoothing, scale, inv_cap, cap,
+    SMOOTH: tl.constexpr, SCALE: tl.constexpr, CAP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     """The logits gradient of S's entries (``cosine_rows`` only; write_outside_s wrote the rest):
     s_bar = sum_j w_j s_j from the s_j the vocabulary pass summed (``s_dot``, [N, K] float32 in
@@ -172,12 +198,17 @@ def selected_grad_kernel(
         z_sum = tl.load(column(stats_ptr, rows64, STAT_S_SUM), mask=used, other=1.0)
         g_ce = tl.load(grad_ce_ptr + rows64, mask=used, other=0.0)
         g_cos = tl.load(grad_cos_ptr + rows64, mask=used, other=0.0)
+        g_lse = g_ce
+        if grad_lse_ptr is not None:
+            g_lse = tl.load(grad_lse_ptr + rows64, mask=used, other=0.0)
         s_bar_vec = tl.zeros([BR, BK], tl.float32)
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             in_s = used[:, None] & (k < K)[None, :]
             at = rows64[:, None] * K + k[None, :]
             z = tl.load(s_val_ptr + at, mask=in_s, other=0.0).to(tl.float32)
+            if SCALE or CAP:
+                z = transformed(z, scale, inv_cap, cap, SCALE, CAP)
             w = tl.where(in_s, selection_weight(z, z_max[:, None], z_sum[:, None], temperature), 0.0)
             s_bar_vec += w * tl.load(s_dot_ptr + at, mask=in_s, other=0.0)
         s_bar = tl.sum(s_bar_vec, 1)
@@ -187,38 +218,43 @@ def selected_grad_kernel(
             at = rows64[:, None] * K + k[None, :]
             v = load_index(s_idx_ptr + at, in_s)
             z = tl.load(s_val_ptr + at, mask=in_s, other=0.0).to(tl.float32)
+            slope = z
+            if SCALE or CAP:
+                z, slope = transformed_with_slope(z, scale, inv_cap, cap, SCALE, CAP)
             w = selection_weight(z, z_max[:, None], z_sum[:, None], temperature)
             s = tl.load(s_dot_ptr + at, mask=in_s, other=0.0)
             p = tl.exp((z - z_max[:, None]) - log_sum[:, None])
-            dz = g_ce[:, None] * (p - tl.where(v == y[:, None], 1.0, 0.0))
+            dz = ce_gradient(p, v == y[:, None], g_ce[:, None], g_lse[:, None], smoothing, V,
+                             grad_lse_ptr is not None, SMOOTH)
             dz += g_cos[:, None] / temperature * w * (s - s_bar[:, None])
+            dz = chain(dz, slope, SCALE, CAP)
             tl.store(dlogits_ptr + rows64[:, None] * out_stride + v, dz.to(dlogits_ptr.dtype.element_ty), mask=in_s)
 
 
-def launch_backward_rows(logits, labels, *, grad_ce, grad_cos, stats, tie, dlogits, ignore_index, with_cos):
+def launch_backward_rows(logits, labels, *, grad_ce, grad_cos, stats, tie, dlogits, options, grad_lse=None):
     """backward_rows_kernel over every row: the logits gradient outside S (every entry of the rows
-    the cosine term does not reach) into ``dlogits``, which may be the logits."""
+    the cosine term does not reach) into ``dlogits``, which may be the logits; ``grad_lse``: the
+    coefficients of lse_n, or None."""
     n, vocab = logits.shape
     rows = tiles.rows_per_step(n)
     backward_rows_kernel[(triton.cdiv(n, rows),)](
         # inputs
         logits_ptr=logits, stride_row=logits.stride(0), labels_ptr=labels, grad_ce_ptr=grad_ce, grad_cos_ptr=grad_cos,
-        stats_ptr=stats, tie_ptr=tie,
+        grad_lse_ptr=grad_lse, stats_ptr=stats, tie_ptr=tie,
         # output
         dlogits_ptr=dlogits, out_stride=dlogits.stride(0),
         # shapes and options
-        N=n, V=vocab, ignore_index=ignore_index,
+        N=n, V=vocab, ignore_index=options.ignore_index, **transform_args(options), **smoothing_args(options),
         # constexprs
-        WITH_COS=with_cos, BR=rows, BV=tiles.row_block(vocab), num_warps=CONFIG.backward_warps,
+        WITH_COS=options.with_cos, BR=rows, BV=tiles.row_block(vocab), num_warps=CONFIG.backward_warps,
     )
 
 
-def launch_direction_chunk(embedding, labels, saved, grad_cos, *, g, t=None, h0, chunk, k, ignore_index,
-                           temperature):
+def launch_direction_chunk(embedding, labels, saved, grad_cos, *, g, t=None, h0, chunk, options):
     """direction_chunk_kernel: columns [h0, h0 + chunk) of g into ``g`` and, when ``t`` is given, of
     grad_cos * d cos / d e into ``t`` (``[N, chunk]`` float32 each)."""
     n, hidden = labels.shape[0], embedding.shape[1]
-    tile = tiles.gather_tiles(n, k, hidden)
+    tile = tiles.gather_tiles(n, options.k, hidden)
     direction_chunk_kernel[(triton.cdiv(n, tile["BR"]),)](
         # inputs
         emb_ptr=embedding, labels_ptr=labels, s_idx_ptr=saved.s_idx, s_val_ptr=saved.s_val, stats_ptr=saved.stats,
@@ -226,40 +262,44 @@ def launch_direction_chunk(embedding, labels, saved, grad_cos, *, g, t=None, h0,
         # outputs
         g_ptr=g, t_ptr=t,
         # shapes and options
-        N=n, K=k, H=hidden, h0=h0, C=chunk, ignore_index=ignore_index, temperature=float(temperature),
+        N=n, K=options.k, H=hidden, h0=h0, C=chunk, ignore_index=options.ignore_index,
+        temperature=float(options.temperature), **transform_args(options),
         # constexprs
         WRITE_T=t is not None, BR=tile["BR"], BK=tile["BK"], BH=min(tile["BH"], tiles.next_pow2(chunk)),
         num_warps=CONFIG.cosine_warps,
     )
 
 
-def launch_selected_grad(labels, saved, *, s_dot, grad_ce, grad_cos, dlogits, k, ignore_index, temperature):
+def launch_selected_grad(labels, saved, *, s_dot, grad_ce, grad_cos, dlogits, options, grad_lse=None):
     """selected_grad_kernel: the logits gradient of S's entries into ``dlogits``."""
-    n = labels.shape[0]
+    n, vocab = dlogits.shape
     rows = tiles.rows_per_step(n)
     selected_grad_kernel[(triton.cdiv(n, rows),)](
         # inputs
         labels_ptr=labels, s_idx_ptr=saved.s_idx, s_val_ptr=saved.s_val, s_dot_ptr=s_dot, stats_ptr=saved.stats,
-        grad_ce_ptr=grad_ce, grad_cos_ptr=grad_cos,
+        grad_ce_ptr=grad_ce, grad_cos_ptr=grad_cos, grad_lse_ptr=grad_lse,
         # output
         dlogits_ptr=dlogits, out_stride=dlogits.stride(0),
         # shapes and options
-        N=n, K=k, ignore_index=ignore_index, temperature=float(temperature),
+        N=n, K=options.k, V=vocab, ignore_index=options.ignore_index, temperature=float(options.temperature),
+        **transform_args(options), **smoothing_args(options),
         # constexprs
-        BR=rows, BK=tiles.selected_block(k), num_warps=CONFIG.cosine_warps,
+        BR=rows, BK=tiles.selected_block(options.k), num_warps=CONFIG.cosine_warps,
     )
 
 
-def cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, *, k, ignore_index, temperature,
-                    dlogits=None, want_demb, embedding_grad_out=None):
+def cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, options, *, dlogits=None, want_demb,
+                    embedding_grad_out=None, grad_lse=None):
     """The cosine term's share of the sparse path's backward: dE (added to ``embedding_grad_out``
     when given, and None returned), and the logits gradient on S when ``dlogits`` is given (whose
-    entries outside S launch_backward_rows or the forward's row kernel already wrote). Per chunk
-    of H: the directions, then the vocabulary pass; then the logits gradient on S."""
+    entries outside S launch_backward_rows or the forward's row kernel already wrote; ``grad_lse``:
+    the coefficients of lse_n, or None). Per chunk of H: the directions, then the vocabulary pass;
+    then the logits gradient on S."""
     n, vocab = logits.shape
+    k = options.k
     hidden = embedding.shape[1]
     device = logits.device
-    rows_used = (labels != ignore_index) & (grad_cos != 0)
+    rows_used = (labels != options.ignore_index) & (grad_cos != 0)
     entries, offsets, pieces, piece_len = grouping.grouped_entries(saved.s_idx, rows_used, vocab)
     t_rows, t_offsets = grouping.target_segments(labels, rows_used, vocab) if want_demb else (None, None)
     chunk = tiles.hidden_chunk(vocab, hidden, logits.element_size())
@@ -271,14 +311,14 @@ def cosine_backward(logits, labels, embedding, saved, grad_ce, grad_cos, *, k, i
     if want_demb:
         demb = embedding_grad_out if embedding_grad_out is not None else torch.empty_like(embedding)
     for index, h0 in enumerate(range(0, hidden, chunk)):
-        launch_direction_chunk(embedding, labels, saved, grad_cos, g=g, t=t, h0=h0, chunk=chunk, k=k,
-                               ignore_index=ignore_index, temperature=temperature)
+        launch_direction_chunk(embedding, labels, saved, grad_cos, g=g, t=t, h0=h0, chunk=chunk, options=options)
         launch_vocabulary_pass(embedding, demb=demb, base=embedding_grad_out, s_val=saved.s_val, entries=entries,
                                offsets=offsets, pieces=pieces, piece_len=piece_len, k=k, s_dot=s_dot,
                                t_rows=t_rows, t_offsets=t_offsets, g=g, t=t, chunk_stride=chunk, stats=saved.stats,
-                               grad_cos=grad_cos, h0=h0, chunk=chunk, temperature=temperature, first=index == 0)
+                               grad_cos=grad_cos, h0=h0, chunk=chunk, temperature=options.temperature,
+                               first=index == 0, transform=transform_args(options))
     del g, t
     if dlogits is not None:
-        launch_selected_grad(labels, saved, s_dot=s_dot, grad_ce=grad_ce, grad_cos=grad_cos, dlogits=dlogits, k=k,
-                             ignore_index=ignore_index, temperature=temperature)
+        launch_selected_grad(labels, saved, s_dot=s_dot, grad_ce=grad_ce, grad_cos=grad_cos, dlogits=dlogits,
+                             options=options, grad_lse=grad_lse)
     return None if embedding_grad_out is not None else demb

@@ -64,6 +64,13 @@ class TritonConfig:
     # (tests/test_triton_compile.py). The lane bound then comes from 1024 lane maxima: about
     # -1024 ln(1 - 256/1024) = 295 candidates at K = 256 instead of 273.
     sparse_row_lanes: int = 1024
+    # Lanes of the forward row kernel's CE-only mode (pass 0 and its gradient pass) when a soft-cap or label
+    # smoothing is on (each lane's tanh, the smoothing's per-lane sum): at 2048 lanes that kernel, with the
+    # gradient pass and every option on, spilled 32 bytes on sm_80 with triton 3.6 (tests/test_triton_compile.py).
+    option_row_lanes: int = 1024
+    # Register cap of the cosine kernel with a logit scale or soft-cap: left to ptxas it held 80 registers and
+    # spilled 8 bytes on sm_90 with triton 3.6. Without them the kernel is left to ptxas, as before.
+    cosine_option_maxnreg: int = 128
     # Lanes of the other row kernels' blocks (the forward's CE-only and dense modes, its gradient
     # pass, the backward's row kernel): at most this many, fewer for a shorter row.
     row_lanes: int = 2048

@@ -34,6 +34,7 @@ import triton.language as tl
 from . import tiles
 from .gather import selection_weight
 from .layout import STAT_MAX, STAT_S_SUM, column
+from .transform import transformed
 
 
 @triton.jit
@@ -42,9 +43,10 @@ def embedding_grad_kernel(
     entries_ptr, offsets_ptr, s_ptr, PIECES, PIECE_LEN, K,
     t_rows_ptr, t_offsets_ptr,
     g_ptr, t_ptr, chunk_stride, stats_ptr, grad_cos_ptr,
-    V, H, h0, C, temperature,
+    V, H, h0, C, temperature, scale, inv_cap, cap,
     FIRST: tl.constexpr, WRITE_S: tl.constexpr, WRITE_DE: tl.constexpr,
-    HAS_BASE: tl.constexpr, VB: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr,
+    HAS_BASE: tl.constexpr, SCALE: tl.constexpr, CAP: tl.constexpr,
+    VB: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr,
 ):
     v = tl.cast(tl.program_id(0), tl.int64) * VB + tl.arange(0, VB)
     v_in = v < V
@@ -73,6 +75,8 @@ def embedding_grad_kernel(
                     z_max = tl.load(column(stats_ptr, row, STAT_MAX), mask=i_in, other=0.0)
                     z_sum = tl.load(column(stats_ptr, row, STAT_S_SUM), mask=i_in, other=1.0)
                     z = tl.load(s_val_ptr + slot, mask=i_in, other=0.0).to(tl.float32)
+                    if SCALE or CAP:  # S's values are the logits: w is of z'
+                        z = transformed(z, scale, inv_cap, cap, SCALE, CAP)
                     w = selection_weight(z, z_max, z_sum, temperature)
                     acc += tl.where(i_in, g_cos * w, 0.0)[:, :, None] * g
                 if WRITE_S:
@@ -97,14 +101,15 @@ def embedding_grad_kernel(
 
 def launch_vocabulary_pass(embedding, *, demb=None, base=None, s_val=None, entries=None, offsets=None, pieces=0,
                            piece_len=0, k=1, s_dot=None, t_rows=None, t_offsets=None, g=None, t, chunk_stride,
-                           stats=None, grad_cos=None, h0, chunk, temperature=1.0, first=True):
+                           stats=None, grad_cos=None, h0, chunk, temperature=1.0, first=True, transform=None):
     """embedding_grad_kernel over the vocabulary, for the columns [h0, h0 + chunk) of H.
 
     S's entries (``entries`` / ``offsets`` from grouping.grouped_entries, with ``s_val``,
     ``stats``, ``grad_cos`` and the chunk ``g``; None: no entries of S) give s into ``s_dot``
     (summed over the chunks; ``first``: the first chunk) and their part of dE; the targets
     (``t_rows`` / ``t_offsets`` from grouping.target_segments, with the chunk ``t``) theirs.
-    dE goes to ``demb`` (None: not wanted), added to ``base`` (float32) when given."""
+    dE goes to ``demb`` (None: not wanted), added to ``base`` (float32) when given. ``transform``:
+    the scale and cap arguments (``transform.transform_args``; None: neither)."""
     vocab, hidden = embedding.shape
     tile = tiles.vocab_tiles(chunk)
     embedding_grad_kernel[(triton.cdiv(vocab, tile["VB"]),)](
@@ -116,6 +121,7 @@ def launch_vocabulary_pass(embedding, *, demb=None, base=None, s_val=None, entri
         demb_ptr=demb, s_ptr=s_dot,
         # shapes and options
         V=vocab, H=hidden, h0=h0, C=chunk, temperature=float(temperature),
+        **(transform or dict(scale=1.0, inv_cap=1.0, cap=1.0, SCALE=False, CAP=False)),
         # constexprs
         FIRST=first, WRITE_S=s_dot is not None, WRITE_DE=demb is not None, HAS_BASE=base is not None,
         VB=tile["VB"], BE=tile["BE"], BC=tile["BC"], num_warps=tile["NW"], maxnreg=tile["MAXNREG"],

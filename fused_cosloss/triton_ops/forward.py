@@ -24,6 +24,9 @@ MODE 0 skips the selection (no cosine term); MODE 2 finds the threshold over the
 row without writing S (the dense path for large K). With GRAD (the loss's gradient computed
 in the forward: ``forward_backward_rows``) a last pass over the row writes its gradient
 outside S, as backward_rows_kernel would, so the backward does not read the logits again.
+With the loss options (constexpr SCALE / CAP / SMOOTH, docs/triton_kernel.md) every logit is
+turned into z' as it is loaded (transform.py) and S is chosen by float32 keys of z'; SMOOTH
+adds to pass 0 the per-lane sum of z' - max that the smoothed cross-entropy needs.
 
 ``cosine_kernel``: mu = sum_S w_i E[i] in chunks of H (gather.py), e = E[y], and cos; saves
 cos, |mu|, |e| and mu . e per row, not mu itself (the backward recomputes it by chunks).
@@ -41,11 +44,11 @@ import triton.language as tl
 from . import tiles
 from .tiles import SPARSE
 from .backward import cosine_rows, write_outside_s
-from .config import CONFIG
 from .gather import expected_embedding
 from .layout import (COS_DOT, COS_NORM_E, COS_NORM_MU, COS_VALUE, STAT_LOG_SUM, STAT_MAX, STAT_S_SUM, STAT_THRESHOLD,
                      column)
-from .select import compact, radix_bound_registers, radix_kth, sort_key
+from .select import compact, radix_bound_registers, radix_kth, sort_key, value_key
+from .transform import smoothing_args, transform_args, transformed, transforms
 
 
 EPS = tl.constexpr(1e-12)
@@ -57,8 +60,9 @@ INT_BIG = tl.constexpr(2147483647)
 def row_stats_kernel(
     logits_ptr, stride_row, labels_ptr, N, V, K, C, ignore_index, temperature,
     ce_ptr, correct_ptr, stats_ptr, tie_ptr, s_idx_ptr, s_val_ptr, scratch_idx_ptr, scratch_val_ptr,
-    grad_ce_ptr, grad_cos_ptr, dlogits_ptr, out_stride,
+    grad_ce_ptr, grad_cos_ptr, grad_lse_square_ptr, dlogits_ptr, out_stride, scale, inv_cap, cap, smoothing,
     MODE: tl.constexpr, KEY16: tl.constexpr, NPASS: tl.constexpr, GRAD: tl.constexpr,
+    SCALE: tl.constexpr, CAP: tl.constexpr, SMOOTH: tl.constexpr,
     BR: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, BG: tl.constexpr,
 ):
     DT: tl.constexpr = logits_ptr.dtype.element_ty
@@ -87,13 +91,22 @@ def row_stats_kernel(
             m_vec = tl.full([BR, BV], NEG_BIG, tl.float32)
             s_vec = tl.zeros([BR, BV], tl.float32)
             arg_vec = tl.zeros([BR, BV], tl.int32) + lanes[None, :]
+            d_vec = tl.zeros([BR, BV], tl.float32)  # SMOOTH: sum of (z' - the lane's running max) over the lane
             for start in range(0, V, BV):
                 offs = start + lanes
-                z = tl.load(row_ptrs[:, None] + offs[None, :], mask=valid[:, None] & (offs < V)[None, :],
-                            other=float("-inf")).to(tl.float32)
+                inside = valid[:, None] & (offs < V)[None, :]
+                z = tl.load(row_ptrs[:, None] + offs[None, :], mask=inside, other=float("-inf")).to(tl.float32)
+                if SCALE or CAP:
+                    z = transformed(z, scale, inv_cap, cap, SCALE, CAP)
+                    if CAP:  # the cap would make the -inf padding -c, an entry
+                        z = tl.where(inside, z, float("-inf"))
                 better = z > m_vec  # false for NaN and for the -inf padding
                 m_new = tl.where(better, z, m_vec)
                 s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(z - m_new)  # a NaN propagates into s
+                if SMOOTH:
+                    # the lane's start // BV earlier entries move with its max (a NaN / -inf max: never better)
+                    shift = tl.where(better & (start > 0), (m_vec - m_new) * (start // BV), 0.0)
+                    d_vec = d_vec + shift + tl.where(inside, z - m_new, 0.0)
                 arg_vec = tl.where(better, offs[None, :], arg_vec)
                 m_vec = m_new
             m = tl.max(m_vec, 1)
@@ -111,7 +124,16 @@ def row_stats_kernel(
                     first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, offs[None, :], INT_BIG), 1))
                 argmax = tl.where(first_nan < INT_BIG, first_nan, argmax)
             z_y = tl.load(row_ptrs + y, mask=valid, other=0.0).to(tl.float32)
-            ce = tl.where(valid, log_sum - (z_y - m), 0.0)
+            if SCALE or CAP:
+                z_y = transformed(z_y, scale, inv_cap, cap, SCALE, CAP)
+            if SMOOTH:
+                # mean_v z'_v - max: each lane's sum moved to the row max, over its entries
+                lane_count = tl.maximum(tl.cdiv(V - lanes, BV), 0)[None, :]
+                to_row_max = tl.where(lane_count > 0, (m_vec - m[:, None]) * lane_count, 0.0)
+                mean_rel = tl.sum(d_vec + to_row_max, 1) / V
+                ce = tl.where(valid, log_sum - (1.0 - smoothing) * (z_y - m) - smoothing * mean_rel, 0.0)
+            else:
+                ce = tl.where(valid, log_sum - (z_y - m), 0.0)
             correct = (valid & (argmax == y)).to(tl.int32)
             log_sum = tl.where(valid, log_sum, 0.0)
             z_max = tl.where(valid, tl.where(m <= NEG_BIG, float("-inf"), m), 0.0)
@@ -126,7 +148,10 @@ def row_stats_kernel(
                 if MODE == 1:
                     if K < V:
                         # lower bound from the lane maxima, then the candidates
-                        lane_max = tl.where(m_vec <= NEG_BIG, float("-inf"), m_vec).to(DT)
+                        # (the keys of z', float32, when a scale or cap is on: the launcher's KEY16 is False then)
+                        lane_max = tl.where(m_vec <= NEG_BIG, float("-inf"), m_vec)
+                        if not (SCALE or CAP):
+                            lane_max = lane_max.to(DT)
                         ok = valid[:, None] & (lanes < V)[None, :]
                         bound = radix_bound_registers(sort_key(lane_max, KEY16), ok, kk, 2, BR, BV)
                         count = tl.zeros([BR], tl.int32)
@@ -134,7 +159,8 @@ def row_stats_kernel(
                             offs = start + lanes
                             inside = valid[:, None] & (offs < V)[None, :]
                             raw = tl.load(row_ptrs[:, None] + offs[None, :], mask=inside, other=float("-inf"))
-                            cand = inside & (sort_key(raw, KEY16) >= bound[:, None])
+                            cand = inside & (value_key(raw, DT, KEY16, scale, inv_cap, cap, SCALE, CAP)
+                                             >= bound[:, None])
                             pos = count[:, None] + tl.cumsum(cand.to(tl.int32), 1) - 1
                             keep = cand & (pos < C)
                             tl.store(scratch_idx_ptr + scratch_rows[:, None] + pos, tl.zeros_like(pos) + offs[None, :],
@@ -146,19 +172,21 @@ def row_stats_kernel(
                         over = valid & (count > C)
                         n_scratch = tl.where(valid & ~over, count, 0)
                         t_key, need = radix_kth(scratch_val_ptr + scratch_rows, n_scratch, kk, DT, KEY16,
-                                                NPASS, BR, BC)
+                                                NPASS, BR, BC, scale, inv_cap, cap, SCALE, CAP)
                         z_sum, t_val, tie_cut = compact(
                             scratch_val_ptr + scratch_rows, scratch_idx_ptr + scratch_rows, n_scratch, t_key, need,
-                            out_idx, out_val, K, temperature, z_max, DT, KEY16, True, True, BC)
+                            out_idx, out_val, K, temperature, z_max, DT, KEY16, True, True, BC,
+                            scale, inv_cap, cap, SCALE, CAP)
                         n_row = tl.where(over, V, 0)
                 if tl.max(n_row, 0) > 0:  # MODE 2, K >= V, or rows with too many candidates
                     t_key2 = tl.zeros([BR], tl.int32) + (-2147483647 - 1)  # below every key: K >= V takes all
                     need2 = tl.zeros([BR], tl.int32)
                     if K < V:
-                        t_key2, need2 = radix_kth(row_ptrs, n_row, kk, DT, KEY16, NPASS, BR, BV)
+                        t_key2, need2 = radix_kth(row_ptrs, n_row, kk, DT, KEY16, NPASS, BR, BV,
+                                                  scale, inv_cap, cap, SCALE, CAP)
                     z_sum2, t_val2, tie_cut2 = compact(
                         row_ptrs, row_ptrs, n_row, t_key2, need2, out_idx, out_val, K, temperature, z_max,
-                        DT, KEY16, False, MODE == 1, BV)
+                        DT, KEY16, False, MODE == 1, BV, scale, inv_cap, cap, SCALE, CAP)
                     if K >= V:  # S is the whole row: make the membership test say so
                         t_val2 = tl.zeros([BR], tl.float32) + float("-inf")
                         tie_cut2 = tl.zeros([BR], tl.int32) + (V - 1)
@@ -178,11 +206,15 @@ def row_stats_kernel(
             # thread is done reading the row first, since the gradient may be written over it
             tl.debug_barrier()
             g_ce = tl.load(grad_ce_ptr + rows64, mask=valid, other=0.0)
+            g_lse = zero
+            if grad_lse_square_ptr is not None:  # the z-loss: d (g lse^2) / d lse = 2 g lse, lse known now
+                g_lse = 2.0 * tl.load(grad_lse_square_ptr + rows64, mask=valid, other=0.0) * (z_max + log_sum)
             exclude = tl.zeros([BR], tl.int1)
             if MODE == 1:
                 exclude = cosine_rows(grad_cos_ptr, rows64, valid, log_sum)
-            write_outside_s(row_ptrs, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce, z_max, log_sum,
-                            exclude, t_val, tie_cut, V, BG)
+            write_outside_s(row_ptrs, dlogits_ptr + rows64 * out_stride, y, row_in, valid, g_ce, g_lse, z_max,
+                            log_sum, exclude, t_val, tie_cut, V, smoothing, scale, inv_cap, cap,
+                            grad_lse_square_ptr is not None, SMOOTH, SCALE, CAP, BG)
         if MODE == 1 or GRAD:
             tl.debug_barrier()  # every read of the scratch (and of the row) is done before the next block
 
@@ -190,8 +222,8 @@ def row_stats_kernel(
 @triton.jit
 def cosine_kernel(
     emb_ptr, labels_ptr, stats_ptr, s_idx_ptr, s_val_ptr, cstats_ptr,
-    N, K, H, ignore_index, temperature,
-    BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+    N, K, H, ignore_index, temperature, scale, inv_cap, cap,
+    SCALE: tl.constexpr, CAP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
 ):
     rows64 = tl.cast(tl.program_id(0), tl.int64) * BR + tl.arange(0, BR)
     row_in = rows64 < N
@@ -214,7 +246,7 @@ def cosine_kernel(
             h = h0 + tl.arange(0, BH)
             h_in = h < H
             mu = expected_embedding(emb_ptr, s_idx_ptr, s_val_ptr, rows64, valid, z_max, z_sum, K, H, h, h_in,
-                                    temperature, BR=BR, BK=BK, BH=BH)
+                                    temperature, scale, inv_cap, cap, SCALE, CAP, BR=BR, BK=BK, BH=BH)
             e = tl.load(e_rows[:, None] + h[None, :], mask=valid[:, None] & h_in[None, :], other=0.0).to(tl.float32)
             dot_vec += mu * e
             mu2_vec += mu * mu
@@ -230,13 +262,15 @@ def cosine_kernel(
     tl.store(column(cstats_ptr, rows64, COS_DOT), dot, mask=row_in)
 
 
-def launch_row_stats(logits, labels, *, ce, correct, stats, tie, s_idx=None, s_val=None, mode, k, ignore_index,
-                     temperature, gradient=None):
+def launch_row_stats(logits, labels, *, ce, correct, stats, tie, s_idx=None, s_val=None, mode, options,
+                     gradient=None):
     """row_stats_kernel over every row: ``ce``, ``correct``, ``stats`` and ``tie``, and S into
     ``s_idx`` (int32) / ``s_val`` in the SPARSE mode (whose candidate scratch is allocated here).
-    With ``gradient = (grad_ce, grad_cos, dlogits)`` it also writes the logits gradient outside S
-    into ``dlogits`` (which may be the logits)."""
+    With ``gradient = (grad_ce, grad_cos, grad_lse_square, dlogits)`` it also writes the logits
+    gradient outside S into ``dlogits`` (which may be the logits); ``grad_lse_square`` (or None)
+    weighs lse_n ** 2 (the z-loss)."""
     n, vocab = logits.shape
+    k = options.k
     rows = tiles.rows_per_step(n)
     programs = tiles.num_programs(triton.cdiv(n, rows), logits.device)
     capacity = tiles.candidate_capacity(k)
@@ -244,8 +278,10 @@ def launch_row_stats(logits, labels, *, ce, correct, stats, tie, s_idx=None, s_v
     if mode == SPARSE:
         scratch_idx = torch.empty(programs * rows * capacity, device=logits.device, dtype=torch.int32)
         scratch_val = torch.empty(programs * rows * capacity, device=logits.device, dtype=torch.float32)
-    grad_ce, grad_cos, dlogits = gradient if gradient is not None else (None, None, None)
-    key16, npass = tiles.key_constants(logits.dtype)
+    grad_ce, grad_cos, grad_lse_square, dlogits = gradient if gradient is not None else (None, None, None, None)
+    key_dtype = torch.float32 if transforms(options) else logits.dtype  # S is chosen by z' in float32
+    key16, npass = tiles.key_constants(key_dtype)
+    heavy = options.softcap is not None or options.label_smoothing != 0.0
     row_stats_kernel[(programs,)](
         # inputs
         logits_ptr=logits, stride_row=logits.stride(0), labels_ptr=labels,
@@ -253,29 +289,31 @@ def launch_row_stats(logits, labels, *, ce, correct, stats, tie, s_idx=None, s_v
         ce_ptr=ce, correct_ptr=correct, stats_ptr=stats, tie_ptr=tie, s_idx_ptr=s_idx, s_val_ptr=s_val,
         scratch_idx_ptr=scratch_idx, scratch_val_ptr=scratch_val,
         # the gradient in the forward
-        grad_ce_ptr=grad_ce, grad_cos_ptr=grad_cos, dlogits_ptr=dlogits,
+        grad_ce_ptr=grad_ce, grad_cos_ptr=grad_cos, grad_lse_square_ptr=grad_lse_square, dlogits_ptr=dlogits,
         out_stride=dlogits.stride(0) if dlogits is not None else 0,
         # shapes and options
-        N=n, V=vocab, K=k, C=capacity, ignore_index=ignore_index, temperature=float(temperature),
+        N=n, V=vocab, K=k, C=capacity, ignore_index=options.ignore_index, temperature=float(options.temperature),
+        **transform_args(options), **smoothing_args(options),
         # constexprs
         MODE=mode, KEY16=key16, NPASS=npass, GRAD=gradient is not None,
-        BR=rows, BV=tiles.row_kernel_lanes(vocab, k, mode), BC=tiles.scratch_block(capacity),
-        BG=tiles.row_block(vocab),
-        **tiles.row_kernel_options(logits.dtype, mode),
+        BR=rows, BV=tiles.row_kernel_lanes(vocab, k, mode, heavy), BC=tiles.scratch_block(capacity),
+        BG=tiles.gradient_pass_lanes(vocab, mode, heavy),
+        **tiles.row_kernel_options(key_dtype, mode),
     )
 
 
-def launch_cosine(embedding, labels, *, stats, s_idx, s_val, cstats, k, ignore_index, temperature):
+def launch_cosine(embedding, labels, *, stats, s_idx, s_val, cstats, options):
     """cosine_kernel over every row: the COS_* columns of ``cstats`` from S and the row kernel's ``stats``."""
     n, hidden = labels.shape[0], embedding.shape[1]
-    tile = tiles.gather_tiles(n, k, hidden)
+    tile = tiles.gather_tiles(n, options.k, hidden)
     cosine_kernel[(triton.cdiv(n, tile["BR"]),)](
         # inputs
         emb_ptr=embedding, labels_ptr=labels, stats_ptr=stats, s_idx_ptr=s_idx, s_val_ptr=s_val,
         # output
         cstats_ptr=cstats,
         # shapes and options
-        N=n, K=k, H=hidden, ignore_index=ignore_index, temperature=float(temperature),
+        N=n, K=options.k, H=hidden, ignore_index=options.ignore_index, temperature=float(options.temperature),
+        **transform_args(options),
         # constexprs
-        BR=tile["BR"], BK=tile["BK"], BH=tile["BH"], num_warps=CONFIG.cosine_warps,
+        BR=tile["BR"], BK=tile["BK"], BH=tile["BH"], **tiles.cosine_options(transforms(options)),
     )

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .transform import transformed
+
 
 @triton.jit
 def load_index(ptrs, mask):
@@ -32,10 +34,11 @@ def selection_weight(z, z_max, z_sum, temperature):
 @triton.jit
 def expected_embedding(
     emb_ptr, s_idx_ptr, s_val_ptr, rows64, valid, z_max, z_sum, K, H, h, h_in, temperature,
+    scale, inv_cap, cap, SCALE: tl.constexpr, CAP: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
 ):
     """[BR, BH] float32: mu of the rows ``rows64`` (zero where not ``valid``) at columns ``h``,
-    from S's indices and values (``[N, K]`` each)."""
+    from S's indices and values (``[N, K]`` each: the logits, turned into z' here)."""
     acc = tl.zeros([BR, BK, BH], tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
@@ -43,6 +46,8 @@ def expected_embedding(
         at = rows64[:, None] * K + k[None, :]
         vocab = load_index(s_idx_ptr + at, in_s)
         z = tl.load(s_val_ptr + at, mask=in_s, other=0.0).to(tl.float32)
+        if SCALE or CAP:
+            z = transformed(z, scale, inv_cap, cap, SCALE, CAP)
         w = tl.where(in_s, selection_weight(z, z_max[:, None], z_sum[:, None], temperature), 0.0)
         gathered = tl.load(emb_ptr + tl.cast(vocab, tl.int64)[:, :, None] * H + h[None, None, :],
                            mask=in_s[:, :, None] & h_in[None, None, :], other=0.0)

@@ -16,11 +16,12 @@ import triton.language as tl
 
 ROW_WIDTH = tl.constexpr(4)
 
-# stats: everything relative to the row max, as log_softmax works
-STAT_LOG_SUM = tl.constexpr(0)  # log sum_v exp(z_v - max): the logsumexp less the max (NaN for a row with NaN)
-STAT_MAX = tl.constexpr(1)  # max_v z_v (-inf for a row of -inf)
-STAT_S_SUM = tl.constexpr(2)  # sum over S of exp((z - max) / T): the softmax normaliser over S
-STAT_THRESHOLD = tl.constexpr(3)  # the smallest value in S (with ``tie``: "v in S" as an elementwise test)
+# stats: everything relative to the row max, as log_softmax works; of the row z' the loss options make
+# (transform.py; the logits themselves without a scale or cap): lse_n = max + log_sum
+STAT_LOG_SUM = tl.constexpr(0)  # log sum_v exp(z'_v - max): the logsumexp less the max (NaN for a row with NaN)
+STAT_MAX = tl.constexpr(1)  # max_v z'_v (-inf for a row of -inf)
+STAT_S_SUM = tl.constexpr(2)  # sum over S of exp((z' - max) / T): the softmax normaliser over S
+STAT_THRESHOLD = tl.constexpr(3)  # the smallest z' in S (with ``tie``: "v in S" as an elementwise test)
 
 # cstats: the cosine term, without mu itself (the sparse backward recomputes it by chunks of H)
 COS_VALUE = tl.constexpr(0)  # cos(mu, e)
@@ -48,7 +49,7 @@ class TritonSaved(NamedTuple):
     stats: torch.Tensor  # [N, ROW_WIDTH] float32, columns STAT_*
     tie: torch.Tensor  # [N] int32: the largest index taken into S among values equal to the threshold
     s_idx: torch.Tensor  # [N, k] S's vocabulary indices (index_dtype; [0] int32 off the sparse path)
-    s_val: torch.Tensor  # [N, k] S's values in the logits' dtype ([0] off the sparse path)
+    s_val: torch.Tensor  # [N, k] S's logits, in their dtype (not z': kernels transform them) ([0] off the sparse path)
     mu: torch.Tensor  # [N, H] float32 on the dense path, else [0, H]
     cstats: torch.Tensor  # [N, ROW_WIDTH] float32, columns COS_* ([0, ROW_WIDTH] without the cosine term)
 

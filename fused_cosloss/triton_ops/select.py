@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .transform import transformed
+
 # The sign bit; XOR with it turns signed-order keys into unsigned-order bit patterns.
 SIGN = tl.constexpr(-2147483648)
 
@@ -42,6 +44,18 @@ def sort_key(raw, KEY16: tl.constexpr):
         key = tl.where(key == -1, 0, key)  # -0.0 -> +0.0
         nan_key = 0x7FFFFFFF
     return tl.where(raw != raw, nan_key, key)
+
+
+@triton.jit
+def value_key(raw, DT: tl.constexpr, KEY16: tl.constexpr, scale, inv_cap, cap, SCALE: tl.constexpr,
+              CAP: tl.constexpr):
+    """The key S is chosen by for logits ``raw`` (their own dtype DT, or float32 copies of DT values):
+    the key of z' (float32: KEY16 is then False) when a scale or a cap is on, of the logit itself
+    otherwise (transform.py)."""
+    if SCALE or CAP:
+        return sort_key(transformed(raw.to(tl.float32), scale, inv_cap, cap, SCALE, CAP), KEY16)
+    else:
+        return sort_key(raw.to(DT), KEY16)
 
 
 @triton.jit
@@ -84,11 +98,12 @@ def radix_bound_registers(keys, ok, kk, NPASS: tl.constexpr, BR: tl.constexpr, W
 
 @triton.jit
 def radix_kth(row_ptrs, n, kk, DT: tl.constexpr, KEY16: tl.constexpr,
-              NPASS: tl.constexpr, BR: tl.constexpr, BLOCK: tl.constexpr):
+              NPASS: tl.constexpr, BR: tl.constexpr, BLOCK: tl.constexpr,
+              scale, inv_cap, cap, SCALE: tl.constexpr, CAP: tl.constexpr):
     """Per row r: the kk-th largest key among ``row_ptrs[r][0:n[r]]`` and how many values
     equal to it belong to the top kk (``need`` >= 1). Values are stored as DT, or as float32
-    copies of DT values (converted back exactly). Rows need 1 <= kk <= n; a row with n = 0
-    gets a meaningless result and costs nothing."""
+    copies of DT values (converted back exactly); the keys are ``value_key``'s. Rows need
+    1 <= kk <= n; a row with n = 0 gets a meaningless result and costs nothing."""
     u_prefix = tl.zeros_like(kk)
     n_max = tl.max(n, 0)
     for p in tl.static_range(NPASS):
@@ -97,8 +112,8 @@ def radix_kth(row_ptrs, n, kk, DT: tl.constexpr, KEY16: tl.constexpr,
         for start in range(0, n_max, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             inside = offs[None, :] < n[:, None]
-            raw = tl.load(row_ptrs[:, None] + offs[None, :], mask=inside, other=0.0).to(DT)
-            u = sort_key(raw, KEY16) ^ SIGN
+            raw = tl.load(row_ptrs[:, None] + offs[None, :], mask=inside, other=0.0)
+            u = value_key(raw, DT, KEY16, scale, inv_cap, cap, SCALE, CAP) ^ SIGN
             if p == 0:
                 match = inside
             else:
@@ -113,13 +128,15 @@ def radix_kth(row_ptrs, n, kk, DT: tl.constexpr, KEY16: tl.constexpr,
 @triton.jit
 def compact(val_ptrs, idx_ptrs, n, t_key, need, out_idx_ptrs, out_val_ptrs, limit, temperature, z_max,
             DT: tl.constexpr, KEY16: tl.constexpr,
-            IDX_FROM_PTR: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr):
+            IDX_FROM_PTR: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr,
+            scale, inv_cap, cap, SCALE: tl.constexpr, CAP: tl.constexpr):
     """Per row, walk ``val_ptrs[r][0:n[r]]`` in index order and take every key > t_key and
     the first ``need`` keys == t_key. When WRITE, writes the taken (vocabulary index,
     value) pairs to ``out_idx_ptrs[r][0:limit]`` / ``out_val_ptrs[r]``; the vocabulary index
-    is ``idx_ptrs[r][i]`` when IDX_FROM_PTR, else i.
+    is ``idx_ptrs[r][i]`` when IDX_FROM_PTR, else i. The values written are the logits
+    themselves; the keys, the sum and the minimum are those of z' (``value_key``).
 
-    Returns per row: sum over S of exp((z - max z) / T), min over S of z (NaN left out), and the largest
+    Returns per row: sum over S of exp((z' - max z') / T), min over S of z' (NaN left out), and the largest
     vocabulary index taken among the values equal to the threshold (-1 if none)."""
     taken = tl.zeros_like(need)
     ties_seen = tl.zeros_like(need)
@@ -131,7 +148,11 @@ def compact(val_ptrs, idx_ptrs, n, t_key, need, out_idx_ptrs, out_val_ptrs, limi
         offs = start + tl.arange(0, BLOCK)
         inside = offs[None, :] < n[:, None]
         val = tl.load(val_ptrs[:, None] + offs[None, :], mask=inside, other=0.0)
-        key = sort_key(val.to(DT), KEY16)
+        if SCALE or CAP:
+            zf = transformed(val.to(tl.float32), scale, inv_cap, cap, SCALE, CAP)
+            key = sort_key(zf, KEY16)
+        else:
+            key = sort_key(val.to(DT), KEY16)
         tie = inside & (key == t_key[:, None])
         tie_rank = ties_seen[:, None] + tl.cumsum(tie.to(tl.int32), 1) - 1
         tie_taken = tie & (tie_rank < need[:, None])
@@ -145,7 +166,8 @@ def compact(val_ptrs, idx_ptrs, n, t_key, need, out_idx_ptrs, out_val_ptrs, limi
             inside_s = sel & (pos < limit)  # always true when the counts are right; never write past S
             tl.store(out_idx_ptrs[:, None] + pos, vocab, mask=inside_s)
             tl.store(out_val_ptrs[:, None] + pos, val.to(out_val_ptrs.dtype.element_ty), mask=inside_s)
-        zf = val.to(tl.float32)
+        if not (SCALE or CAP):
+            zf = val.to(tl.float32)
         z_sum += tl.sum(tl.where(sel, tl.exp(tl.div_rn(zf - z_max[:, None], temperature)), 0.0), 1)
         z_min = tl.minimum(z_min, tl.min(tl.where(sel & (zf == zf), zf, float("inf")), 1))
         tie_cut = tl.maximum(tie_cut, tl.max(tl.where(tie_taken, vocab, -1), 1))

@@ -79,11 +79,24 @@ def row_block(vocab: int) -> int:
     return min(CONFIG.row_lanes, max(16, next_pow2(vocab)))
 
 
-def row_kernel_lanes(vocab: int, k: int, mode: int) -> int:
-    """BV of the forward row kernel: the selection's lane bound needs at least k lanes."""
+def row_kernel_lanes(vocab: int, k: int, mode: int, heavy_options: bool = False) -> int:
+    """BV of the forward row kernel: the selection's lane bound needs at least k lanes. ``heavy_options``
+    (a soft-cap or label smoothing on): fewer lanes in the CE-only mode (CONFIG.option_row_lanes)."""
     if mode == SPARSE:
         return max(min(CONFIG.sparse_row_lanes, row_block(vocab)), next_pow2(k))
+    return gradient_pass_lanes(vocab, mode, heavy_options)
+
+
+def gradient_pass_lanes(vocab: int, mode: int, heavy_options: bool = False) -> int:
+    """BG: lanes of the forward row kernel's gradient pass (see row_kernel_lanes for ``heavy_options``)."""
+    if heavy_options and mode == CE_ONLY:
+        return min(CONFIG.option_row_lanes, row_block(vocab))
     return row_block(vocab)
+
+
+def cosine_options(transforms: bool) -> dict:
+    """Launch options (num_warps, maxnreg) of the cosine kernel, with or without a logit scale or soft-cap."""
+    return dict(num_warps=CONFIG.cosine_warps, maxnreg=CONFIG.cosine_option_maxnreg if transforms else None)
 
 
 def row_kernel_options(dtype: torch.dtype, mode: int) -> dict:
