@@ -85,18 +85,31 @@ _LOGIT_POSTPROCESSING = {"final_logit_softcapping": "softcap", "logit_scale": "l
                          "logits_scaling": "logit_scale", "output_multiplier_scale": None}
 
 
+def _text_config(model):
+    """The config the causal LM's forward reads its logit settings from (a multimodal model's text config)."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+
+
+def applied_logit_transforms(model) -> dict:
+    """The settings of ``_LOGIT_POSTPROCESSING`` that ``model``'s config sets to a value that changes its
+    logits (a scale of 1 does not; any soft-cap does), by config name."""
+    config = _text_config(model)
+    applied = {}
+    for name in _LOGIT_POSTPROCESSING:
+        value = getattr(config, name, None)
+        if value is not None and (value not in (1, 1.0) or name == "final_logit_softcapping"):
+            applied[name] = value
+    return applied
+
+
 def model_logit_options(model) -> dict:
     """The loss options that reproduce what ``model`` does to its logits after the LM head, from its
     (text) config: ``{"softcap": ..., "logit_scale": ...}`` with only the ones it sets; a transform
     the loss has no option for raises ``ValueError``."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
     options = {}
-    for name, option in _LOGIT_POSTPROCESSING.items():
-        value = getattr(config, name, None)
-        if value is None or value in (1, 1.0) and name != "final_logit_softcapping":
-            continue
+    for name, value in applied_logit_transforms(model).items():
+        option = _LOGIT_POSTPROCESSING[name]
         if option is None:
             raise ValueError(f"fused_linear=True: {type(model).__name__} transforms its logits after the LM head "
                              f"(config.{name}={value}), which the fused loss has no option for")
@@ -160,8 +173,7 @@ def _logit_transform_settings(model) -> list[tuple[object, str, object]]:
     """(object, attribute, neutral value) of every setting with which ``model``'s forward transforms
     the head's output: the config's soft-cap and Granite's scaling, Cohere's ``logit_scale`` (kept
     on the model itself)."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    text = _text_config(model)
     settings = []
     if getattr(text, "final_logit_softcapping", None) is not None:
         settings.append((text, "final_logit_softcapping", None))
@@ -354,12 +366,9 @@ class MixedLossForTrainer:
     @staticmethod
     def _refuse_twice(given: dict, model) -> None:
         """A scale or cap the model applies itself must not be given again."""
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "get_text_config"):
-            config = config.get_text_config()
-        for name, option in _LOGIT_POSTPROCESSING.items():
-            value = getattr(config, name, None)
-            if option in given and value is not None and (value not in (1, 1.0) or name == "final_logit_softcapping"):
+        for name, value in applied_logit_transforms(model).items():
+            option = _LOGIT_POSTPROCESSING[name]
+            if option in given:
                 raise ValueError(
                     f"{option}: {type(model).__name__} already applies config.{name}={value} to its logits (and the "
                     f"fused-linear mode applies it from the config), so passing {option} would apply it twice; "

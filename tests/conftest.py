@@ -7,6 +7,7 @@ in which case that is a failure.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import zlib
@@ -72,3 +73,21 @@ def backend(request):
     name, device = request.param
     backend_or_skip(name, device)
     return name, device
+
+
+@pytest.fixture
+def ops():
+    """The Triton backend's module (``fused_cosloss.triton_ops``), imported by the test that uses it."""
+    import fused_cosloss.triton_ops as module
+
+    return module
+
+
+@pytest.fixture
+def tune():
+    """Sets tuning knobs of the Triton backend (``triton_ops.config.CONFIG``) for the rest of one
+    test: ``tune(sparse_max_k=4)``."""
+    from fused_cosloss.triton_ops.config import override
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **knobs: stack.enter_context(override(**knobs))

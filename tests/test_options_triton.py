@@ -10,7 +10,6 @@ whole-row fallback, rows of several blocks of lanes and the GPU's tiles.
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -50,22 +49,6 @@ PATHS = {
 @pytest.fixture(autouse=True)
 def interpret():
     backend_or_skip("triton", "cpu")
-
-
-@pytest.fixture
-def ops():
-    import fused_cosloss.triton_ops as module
-
-    return module
-
-
-@pytest.fixture
-def tune():
-    """Sets tuning knobs of the Triton backend for the rest of one test: ``tune(sparse_max_k=4)``."""
-    from fused_cosloss.triton_ops.config import override
-
-    with contextlib.ExitStack() as stack:
-        yield lambda **knobs: stack.enter_context(override(**knobs))
 
 
 def _loss_options(topk, vocab, *, temperature=TEMPERATURE, **option_kw) -> LossOptions:

@@ -101,16 +101,24 @@ def _cases():
 def test_error_no_worse_than_naive_same_dtype(gen, backend, dtype, temperature, alpha, logits_kind, topk, vocab):
     backend_or_skip(backend, "cpu", dtype)
     logits, labels, embedding = _inputs(gen, vocab, LOGITS[logits_kind], dtype)
-    options = dict(alpha=alpha, temperature=temperature, topk=topk)
+    _assert_no_worse_than_naive(backend, naive_mixed_loss, logits, labels, embedding,
+                                dict(alpha=alpha, temperature=temperature, topk=topk), what=backend)
+
+
+def _assert_no_worse_than_naive(backend, naive, logits, labels, embedding, options, *, what):
+    """The criterion on these inputs: ``backend``'s error against the float64 reference, in the loss and
+    both gradients, within ``_bound`` of the error of ``naive`` (the same-dtype formulation)."""
+    dtype = logits.dtype
     truth = _value_and_grads(lambda z, y, e: mixed_loss(z, y, e, backend="reference", **options),
                              logits.double(), labels, embedding.double())
-    naive = _value_and_grads(lambda z, y, e: naive_mixed_loss(z, y, e, **options), logits, labels, embedding)
+    naive_results = _value_and_grads(lambda z, y, e: naive(z, y, e, **options), logits, labels, embedding)
     ours = _value_and_grads(lambda z, y, e: mixed_loss(z, y, e, backend=backend, **options), logits, labels, embedding)
-    scales = _natural_scales(labels, alpha, temperature)
-    for what, mine, theirs, exact, scale in zip(("loss", "d/dlogits", "d/dembedding"), ours, naive, truth, scales):
+    scales = _natural_scales(labels, options["alpha"], options["temperature"])
+    for part, mine, theirs, exact, scale in zip(("loss", "d/dlogits", "d/dembedding"), ours, naive_results, truth,
+                                                scales):
         bound = _bound(_error(theirs, exact), exact, scale, dtype)
         err = _error(mine, exact)
-        assert err <= bound, (f"{backend} {what}: error {err:.3e} against float64 is above {bound:.3e} "
+        assert err <= bound, (f"{what} {part}: error {err:.3e} against float64 is above {bound:.3e} "
                               f"({FACTOR}x the naive {dtype} formulation's {_error(theirs, exact):.3e} + "
                               f"{FLOOR_ULPS} ulps)")
 
@@ -156,15 +164,6 @@ def test_options_error_no_worse_than_naive_same_dtype(gen, backend, dtype, optio
                                                       logits_kind, topk):
     backend_or_skip(backend, "cpu", dtype)
     logits, labels, embedding = _inputs(gen, VOCAB, LOGITS[logits_kind], dtype)
-    options = dict(alpha=alpha, temperature=temperature, topk=topk, **OPTION_SETS[option_set])
-    truth = _value_and_grads(lambda z, y, e: mixed_loss(z, y, e, backend="reference", **options),
-                             logits.double(), labels, embedding.double())
-    naive = _value_and_grads(lambda z, y, e: naive_loss_with_options(z, y, e, **options), logits, labels, embedding)
-    ours = _value_and_grads(lambda z, y, e: mixed_loss(z, y, e, backend=backend, **options), logits, labels, embedding)
-    scales = _natural_scales(labels, alpha, temperature)
-    for what, mine, theirs, exact, scale in zip(("loss", "d/dlogits", "d/dembedding"), ours, naive, truth, scales):
-        bound = _bound(_error(theirs, exact), exact, scale, dtype)
-        err = _error(mine, exact)
-        assert err <= bound, (f"{backend} {option_set} {what}: error {err:.3e} against float64 is above "
-                              f"{bound:.3e} ({FACTOR}x the naive {dtype} formulation's {_error(theirs, exact):.3e} "
-                              f"+ {FLOOR_ULPS} ulps)")
+    _assert_no_worse_than_naive(backend, naive_loss_with_options, logits, labels, embedding,
+                                dict(alpha=alpha, temperature=temperature, topk=topk, **OPTION_SETS[option_set]),
+                                what=f"{backend} {option_set}")

@@ -8,7 +8,6 @@ segments, and N * V > 2**31 (64-bit offsets).
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -40,23 +39,6 @@ def _agree(logits, labels, embedding, **options):
 @pytest.fixture
 def interpret():
     backend_or_skip("triton", "cpu")
-
-
-@pytest.fixture
-def ops():
-    import fused_cosloss.triton_ops as module
-
-    return module
-
-
-@pytest.fixture
-def tune():
-    """Sets tuning knobs of the Triton backend (``triton_ops.config.CONFIG``) for the rest of one
-    test: ``tune(sparse_max_k=4)``."""
-    from fused_cosloss.triton_ops.config import override
-
-    with contextlib.ExitStack() as stack:
-        yield lambda **knobs: stack.enter_context(override(**knobs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
