@@ -50,8 +50,11 @@ def parse_args(argv):
     parser.add_argument("--path", choices=["grad-in-forward", "backward"], default="grad-in-forward",
                         help="forward_backward_rows (mixed_loss's default in training) or forward_rows + backward_rows")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--softcap", type=float, default=None,
+                        help="the loss's soft-cap c (docs/spec.md, 'Loss options'); off by default")
     parser.add_argument("--all-kernels", action="store_true",
-                        help="also time every other Triton kernel of fused_cosloss.triton_ops (no byte count for those)")
+                        help="also time every other Triton kernel of fused_cosloss.triton_ops that the run launches "
+                             "(no byte count for those)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     return parser.parse_args(argv)
 
@@ -181,7 +184,7 @@ def run(args) -> list[dict]:
                 original, stage, clock_ref)
             setattr(module, attribute, wrapped)
 
-        options = LossOptions(1.0, k, -100, with_cos)
+        options = LossOptions(1.0, k, -100, with_cos, softcap=args.softcap)
 
         def call():
             if args.path == "grad-in-forward":

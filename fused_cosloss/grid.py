@@ -12,7 +12,9 @@ runs' metrics.json files.
 
 ``run --next`` trains the first run of the grid without a finished metrics.json (a run
 interrupted midway has none and is redone from the start); ``run --all`` loops until none is
-left (``--stop_after S``: or until S seconds have passed); without ``--grid`` and arguments,
+left (``--stop_after S``: or until S seconds have passed). A run in training is claimed by a lock
+file (``<dir>/<run>.lock``, its process id inside), so several ``run`` processes may share one
+directory, each taking a different run (a lock whose process is gone is taken over); without ``--grid`` and arguments,
 ``run`` resumes the grid recorded in the directory. Each run is one call of the training
 script's main (:func:`fused_cosloss.train.main`) with one ``--alpha``, ``--learning_rate``,
 ``--seed`` and its own ``--output_dir``; the arguments after ``--`` go to every run. The grid,
@@ -226,11 +228,77 @@ def missing_runs(directory: str, spec: dict) -> list[GridRun]:
     return [run for run in grid_runs(spec) if finished_metrics(directory, run) is None]
 
 
+def lock_path(directory: str, run: GridRun) -> str:
+    return os.path.join(directory, f"{run.name}.lock")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _lock_owner(path: str) -> int | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return int(handle.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def claim(directory: str, run: GridRun) -> bool:
+    """Take the run's lock for this process; False when a live process holds it. A lock left by a
+    process that is gone (killed midway) is taken over."""
+    path = lock_path(directory, run)
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is not None and (owner == os.getpid() or _process_alive(owner)):
+                return owner == os.getpid()
+            try:  # stale: its process is gone
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(directory: str, run: GridRun) -> None:
+    if _lock_owner(lock_path(directory, run)) == os.getpid():
+        os.remove(lock_path(directory, run))
+
+
+def claim_next(directory: str, missing: list[GridRun]) -> GridRun | None:
+    """The first of ``missing`` this process could claim and that is still unfinished once claimed
+    (another process may have finished it since ``missing`` was listed), or None."""
+    for run in missing:
+        if claim(directory, run):
+            if finished_metrics(directory, run) is None:
+                return run
+            release(directory, run)
+    return None
+
+
+def claimed_by_other(directory: str, run: GridRun) -> bool:
+    owner = _lock_owner(lock_path(directory, run))
+    return owner is not None and owner != os.getpid() and _process_alive(owner)
+
+
 def status_text(directory: str, spec: dict) -> str:
     runs = grid_runs(spec)
     done = [run for run in runs if finished_metrics(directory, run) is not None]
     lines = [f"grid {spec['name']} in {directory}: {len(done)} of {len(runs)} runs done"]
-    lines += [f"  {'done   ' if run in done else 'missing'} {run.name}" for run in runs]
+    lines += [f"  {'done   ' if run in done else 'running' if claimed_by_other(directory, run) else 'missing'} "
+              f"{run.name}" for run in runs]
     return "\n".join(lines)
 
 
@@ -608,7 +676,14 @@ def _command(args, extra: list[str]) -> int:
             if not missing:
                 print(f"grid {spec['name']}: every run is done")
                 return 0
-            run_one(args.dir, spec, missing[0], extra)
+            run = claim_next(args.dir, missing)
+            if run is None:
+                print(f"grid {spec['name']}: the {len(missing)} missing run(s) are being trained by other processes")
+                return 0
+            try:
+                run_one(args.dir, spec, run, extra)
+            finally:
+                release(args.dir, run)
             if args.next or (args.stop_after is not None and time.monotonic() - started >= args.stop_after):
                 print(f"grid {spec['name']}: {len(missing) - 1} run(s) left")
                 return 0

@@ -281,20 +281,30 @@ def test_bench_run_keeps_what_ran_before_it_was_stopped(tmp_path, monkeypatch):
 def test_stages_times_the_interpreters_tiles_and_every_kernel(monkeypatch):
     """bench/stages.py wraps the kernels to time them; the backend must still see that it runs under
     the interpreter (else it takes the GPU's one-row tiles there: the dry session's stages step ran
-    20 times longer). With --all-kernels (the session's) every kernel of the backend has its row."""
+    20 times longer). With --all-kernels (the session's) every kernel a run launches has its row: the
+    sparse backward path and the dense one with a soft-cap launch every kernel of the backend between them."""
     backend_or_skip("triton", "cpu")
     import fused_cosloss.triton_ops as ops
     from bench import stages
     from fused_cosloss.triton_ops import tiles as launch_tiles
+    from fused_cosloss.triton_ops.config import CONFIG
 
     seen = []
     tiles = launch_tiles.rows_per_step
     monkeypatch.setattr(launch_tiles, "rows_per_step",
                         lambda *args: (seen.append(launch_tiles.interpreter_blocks()), tiles(*args))[1])
-    args = stages.parse_args(["--device", "cpu", "--tokens", "4", "--vocab", "64", "--hidden", "16", "--topk", "4",
-                              "--repeats", "1", "--path", "backward", "--all-kernels"])
-    rows = stages.run(args)
+    common = ["--device", "cpu", "--tokens", "4", "--vocab", "64", "--hidden", "16", "--topk", "4",
+              "--repeats", "1", "--path", "backward", "--all-kernels"]
+
+    def timed_kernels(extra):
+        return {row["stage"] for row in stages.run(stages.parse_args(common + extra))
+                if row["stage"].endswith("_kernel")}
+
+    sparse = timed_kernels([])
     assert seen and all(seen)
-    kernels = {row["stage"] for row in rows if row["stage"].endswith("_kernel")}
-    assert kernels == set(stages.other_kernels(ops)) and kernels >= set(stages.KERNELS)   # the backward path runs them all
+    assert sparse >= set(stages.KERNELS)
+    monkeypatch.setattr(CONFIG, "sparse_max_k", 2)     # k = 4 takes the dense path
+    dense_capped = timed_kernels(["--softcap", "5"])
+    assert "transformed_block_kernel" in dense_capped - sparse
+    assert sparse | dense_capped == set(stages.other_kernels(ops))
     assert launch_tiles.rows_per_step is not tiles and launch_tiles.interpreted() is True     # restored after the run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -203,3 +204,42 @@ def test_grid_spec_file(tmp_path):
 def test_spread_of_one_seed_has_no_std():
     stats = grid.spread([2.0, math.nan])
     assert stats["n"] == 1 and stats["mean"] == 2.0 and math.isnan(stats["std"])
+
+
+def test_a_claimed_run_is_left_to_its_process_and_a_stale_lock_taken_over(tmp_path, capsys):
+    """Two grid processes in one directory train different runs: a run whose lock a live process holds
+    is skipped (and shown as running); a lock whose process is gone is taken over."""
+    import subprocess
+    import sys
+
+    spec = grid.load_spec("tiny")
+    first, second = grid.grid_runs(spec)[:2]
+    grid.fix_grid(str(tmp_path), spec, list(FAST))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(grid.lock_path(str(tmp_path), first), "w") as handle:
+            handle.write(str(holder.pid))
+        assert grid.claimed_by_other(str(tmp_path), first)
+        assert grid.claim_next(str(tmp_path), [first, second]) == second
+        assert grid.claim(str(tmp_path), second)                       # already this process's
+        grid.release(str(tmp_path), second)
+        assert not os.path.exists(grid.lock_path(str(tmp_path), second))
+        capsys.readouterr()
+        assert grid.main(["status", "--dir", str(tmp_path)]) == 0
+        assert f"running {first.name}" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not grid.claimed_by_other(str(tmp_path), first)
+    assert grid.claim_next(str(tmp_path), [first, second]) == first    # the stale lock is taken over
+    assert int(open(grid.lock_path(str(tmp_path), first)).read()) == os.getpid()
+
+
+def test_a_run_finished_by_another_process_is_not_claimed(tmp_path):
+    spec = grid.load_spec("tiny")
+    first, second = grid.grid_runs(spec)[:2]
+    metrics = tmp_path / first.name / "metrics.json"
+    metrics.parent.mkdir()
+    metrics.write_text(json.dumps({"run": {"trained": True}, "eval": {}}))
+    assert grid.claim_next(str(tmp_path), [first, second]) == second
+    assert not os.path.exists(grid.lock_path(str(tmp_path), first))
