@@ -16,6 +16,7 @@ from .options import LossOptions
 from .reference import reference_rows
 from .validation import (check_flag, check_ignore_index, check_label_range, check_loss_options, check_scalars,
                          check_tensors, check_weight)
+from .vocab_parallel import VocabShard, check_process_group, resolve_shard, vocab_parallel_rows
 
 
 class MixedLossOutput(NamedTuple):
@@ -56,6 +57,8 @@ def mixed_loss(
     return_parts: bool = False,
     inplace_grad: bool = False,
     grad_in_forward: bool | None = None,
+    process_group=None,
+    vocab_start: int | None = None,
 ):
     """The mixed loss of docs/spec.md: ``alpha * (1 - cos_n) + (1 - alpha) * ce_n`` per position.
 
@@ -95,6 +98,14 @@ def mixed_loss(
             when no parts are returned and a gradient is wanted; with ``inplace_grad`` the
             logits are overwritten by the call itself. Ignored by the reference backend and
             under ``torch.compile``.
+        process_group: a ``torch.distributed`` group across which the vocabulary is sharded
+            (tensor parallel): ``logits`` ``[..., V_r]`` and ``embedding`` ``[V_r, H]`` are this
+            rank's contiguous range of it, the labels (global indices) are the same on every rank,
+            and every rank returns the loss of the whole vocabulary; its backward gives each rank
+            its shards' gradients (every rank must run the backward of that same loss). None: the
+            whole vocabulary is here. See docs/vocab_parallel.md.
+        vocab_start: with ``process_group``, the global index of this rank's first vocabulary
+            row; None places the shards in rank order.
 
     Returns:
         The loss (a scalar, or the per-position values for ``"none"``: 0 at ignored
@@ -108,13 +119,18 @@ def mixed_loss(
     check_flag("grad_in_forward", grad_in_forward, optional=True)
     check_tensors(logits, labels, embedding, shift)
     check_weight(weight, labels)
+    check_process_group(process_group, vocab_start)
     vocab = logits.shape[-1]
     if vocab < 1:
         raise ValueError(f"logits: expected a vocabulary size V >= 1, got shape {tuple(logits.shape)}")
     if shift:
         labels = shift_labels(labels, ignore_index)
         weight = None if weight is None else shift_weight(weight)
-    check_label_range(labels, vocab, ignore_index)
+    shard = None
+    if process_group is not None and not logits.is_meta:
+        shard = _vocab_shard(process_group, vocab_start, logits, labels, ignore_index, backend)
+    whole_vocab = vocab if shard is None else shard.vocab
+    check_label_range(labels, whole_vocab, ignore_index)
     if inplace_grad and torch.compiler.is_compiling():
         raise ValueError("inplace_grad: expected False under torch.compile (a traced graph may not write "
                          "over its inputs in the backward), got True")
@@ -122,19 +138,35 @@ def mixed_loss(
 
     flat_logits, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
     flat_weight = None if weight is None else weight.reshape(-1)
-    options = LossOptions.resolve(temperature=temperature, topk=topk, vocab=vocab, ignore_index=ignore_index,
+    options = LossOptions.resolve(temperature=temperature, topk=topk, vocab=whole_vocab, ignore_index=ignore_index,
                                   with_cos=alpha > 0 or return_parts, logit_scale=logit_scale, softcap=softcap,
                                   label_smoothing=label_smoothing)
     finish = functools.partial(assemble, labels=labels, weight=flat_weight, alpha=alpha, z_loss=z_loss,
                                ignore_index=ignore_index, reduction=reduction, shift=shift, return_parts=return_parts)
     if logits.is_meta:  # shapes and dtypes only (see meta.py)
         return finish(*meta_rows(flat_logits, cos_shared=(embedding,), with_cos=options.with_cos))
+    if shard is not None:
+        if inplace_grad:
+            flat_logits = GradIntoLogitsFunction.apply(flat_logits)
+        return finish(*vocab_parallel_rows(flat_logits, flat_labels, embedding, options, shard))
     chosen = backends.resolve(backend, flat_logits, embedding)
     if gradient_now and chosen.is_kernel:
         loss, *terms = kernel_loss(chosen.ops, flat_logits, flat_labels, embedding, options, alpha=alpha,
                                    reduction=reduction, inplace_grad=inplace_grad, z_loss=z_loss, weight=flat_weight)
         return finish(*terms, loss=loss)
     return finish(*position_terms(chosen, flat_logits, flat_labels, embedding, options, inplace_grad=inplace_grad))
+
+
+def _vocab_shard(process_group, vocab_start, logits, labels, ignore_index, backend) -> VocabShard:
+    """This rank's shard of the vocabulary (checked against the other ranks'); the vocabulary-parallel
+    layout runs the reference's formulation with collectives, so a kernel backend named explicitly is
+    refused."""
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend: the vocabulary-parallel layout (process_group) runs on backend 'reference' "
+                         f"(or 'auto'), got {backend!r}")
+    rows = labels.numel()
+    valid = int((labels != ignore_index).sum()) if rows else 0
+    return resolve_shard(process_group, vocab_start, logits.shape[-1], rows, valid, logits.device)
 
 
 def position_terms(backend: Backend, logits, labels, embedding, options: LossOptions, *, inplace_grad=False):

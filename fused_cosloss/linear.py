@@ -12,7 +12,8 @@ from .meta import meta_rows
 from .options import LossOptions
 from .validation import (check_chunk_size, check_flag, check_ignore_index, check_label_range, check_linear_tensors,
                          check_loss_options, check_scalars, check_weight)
-from .functional import assemble, shift_labels, shift_weight
+from .functional import assemble, mixed_loss, shift_labels, shift_weight
+from .vocab_parallel import check_process_group, copy_to_shards
 
 # Default chunk: about this many logits at a time (V = 50257: 333 rows on CPU, 1335 on CUDA).
 CPU_CHUNK_ELEMENTS = 2**24
@@ -40,6 +41,8 @@ def linear_mixed_loss(
     backend: str = "auto",
     return_parts: bool = False,
     chunk_size: int | None = None,
+    process_group=None,
+    vocab_start: int | None = None,
 ):
     """``mixed_loss(hidden @ weight.T + bias, labels, embedding)`` without the ``[N, V]`` logits.
 
@@ -72,6 +75,10 @@ def linear_mixed_loss(
             is the LM head's).
         chunk_size: positions per chunk; None takes about 2**24 logits per chunk on CPU and
             2**26 on CUDA.
+        process_group, vocab_start: the LM head (and the embedding) sharded by vocabulary rows
+            across the group's processes, as in :func:`fused_cosloss.mixed_loss`; ``hidden`` is
+            whole on every rank and its gradient is summed over the ranks. This layout computes
+            the shard's ``[N, V_r]`` logits at once (the reference's formulation; no chunks).
         The other arguments are those of :func:`fused_cosloss.mixed_loss`.
 
     Returns:
@@ -85,6 +92,14 @@ def linear_mixed_loss(
     check_linear_tensors(hidden, weight, labels, embedding, bias, shift)
     check_weight(position_weight, labels, name="position_weight")
     chunk_size = check_chunk_size(chunk_size)
+    check_process_group(process_group, vocab_start)
+    if process_group is not None and not hidden.is_meta:
+        logits = torch.nn.functional.linear(copy_to_shards(hidden, process_group), weight, bias)
+        return mixed_loss(logits, labels, weight if embedding is None else embedding, alpha=alpha,
+                          temperature=temperature, topk=topk, ignore_index=ignore_index, reduction=reduction,
+                          shift=shift, logit_scale=logit_scale, softcap=softcap, label_smoothing=label_smoothing,
+                          z_loss=z_loss, weight=position_weight, backend=backend, return_parts=return_parts,
+                          process_group=process_group, vocab_start=vocab_start)
     vocab = weight.shape[0]
     if shift:
         labels = shift_labels(labels, ignore_index)

@@ -7,13 +7,17 @@ from torch import nn
 from .validation import check_chunk_size, check_flag, check_ignore_index, check_loss_options, check_scalars
 from .functional import mixed_loss
 from .linear import linear_mixed_loss
+from .vocab_parallel import check_process_group
 
 
 class _LossModule(nn.Module):
     """The options both loss modules share, checked once at construction."""
 
-    def __init__(self, alpha, temperature, topk, ignore_index, reduction, shift, backend, loss_options):
+    def __init__(self, alpha, temperature, topk, ignore_index, reduction, shift, backend, loss_options,
+                 process_group=None, vocab_start=None):
         super().__init__()
+        check_process_group(process_group, vocab_start)
+        self.process_group, self.vocab_start = process_group, vocab_start
         alpha, temperature, topk = check_scalars(alpha, temperature, topk, reduction, backend)
         self.logit_scale, self.softcap, self.label_smoothing, self.z_loss = check_loss_options(**loss_options)
         check_flag("shift", shift)
@@ -27,7 +31,8 @@ class _LossModule(nn.Module):
 
     def _options(self) -> dict:
         return dict(alpha=self.alpha, temperature=self.temperature, topk=self.topk, ignore_index=self.ignore_index,
-                    reduction=self.reduction, shift=self.shift, backend=self.backend, **self._loss_options())
+                    reduction=self.reduction, shift=self.shift, backend=self.backend, process_group=self.process_group,
+                    vocab_start=self.vocab_start, **self._loss_options())
 
     def _loss_options(self) -> dict:
         return dict(logit_scale=self.logit_scale, softcap=self.softcap, label_smoothing=self.label_smoothing,
@@ -37,6 +42,10 @@ class _LossModule(nn.Module):
         defaults = dict(logit_scale=None, softcap=None, label_smoothing=0.0, z_loss=0.0)
         changed = "".join(f", {name}={value}" for name, value in self._loss_options().items()
                           if value != defaults[name])
+        if self.process_group is not None:
+            changed += f", process_group=<{self.process_group.size()} ranks>"
+            if self.vocab_start is not None:
+                changed += f", vocab_start={self.vocab_start}"
         return (
             f"alpha={self.alpha}, temperature={self.temperature}, topk={self.topk}, "
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, shift={self.shift}, backend={self.backend!r}"
@@ -46,6 +55,8 @@ class _LossModule(nn.Module):
 
 class MixedLoss(_LossModule):
     """Cross-entropy mixed with an embedding-space cosine distance; see :func:`mixed_loss`.
+
+    ``process_group`` / ``vocab_start``: the vocabulary sharded across processes (docs/vocab_parallel.md).
 
     Example::
 
@@ -69,9 +80,12 @@ class MixedLoss(_LossModule):
         softcap: float | None = None,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
+        process_group=None,
+        vocab_start: int | None = None,
     ):
         super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend,
-                         dict(logit_scale=logit_scale, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss))
+                         dict(logit_scale=logit_scale, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss),
+                         process_group, vocab_start)
         check_flag("inplace_grad", inplace_grad)
         check_flag("grad_in_forward", grad_in_forward, optional=True)
         self.inplace_grad = inplace_grad
@@ -104,9 +118,10 @@ class LinearMixedLoss(_LossModule):
     def __init__(self, alpha: float = 0.5, temperature: float = 1.0, topk: int | None = 256, ignore_index: int = -100,
                  reduction: str = "mean", shift: bool = False, backend: str = "auto", chunk_size: int | None = None, *,
                  logit_scale: float | None = None, softcap: float | None = None, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0):
+                 z_loss: float = 0.0, process_group=None, vocab_start: int | None = None):
         super().__init__(alpha, temperature, topk, ignore_index, reduction, shift, backend,
-                         dict(logit_scale=logit_scale, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss))
+                         dict(logit_scale=logit_scale, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss),
+                         process_group, vocab_start)
         self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -1,0 +1,256 @@
+"""The mixed loss over a vocabulary sharded across the processes of a ``torch.distributed`` group
+(tensor parallel: each rank holds logits ``[N, V_r]`` and embedding rows ``[V_r, H]`` of one
+contiguous range of the vocabulary), computed by the reference's formulation with collectives.
+
+Every rank passes the same labels and gets the same per-position rows, hence the same loss; the
+backward then gives each rank the gradient of that loss with respect to its own shards. The
+collectives (docs/vocab_parallel.md has the cost model):
+
+- the row maximum (all-reduce max), the sum of exponentials, the target logit and, with label
+  smoothing, the row sum (all-reduce sum): N floats each;
+- S: each rank's K' best candidates (value, global index) gathered from every rank and merged
+  by the tie rule of docs/spec.md (the lower *global* index wins); the argmax with them;
+- mu: the per-rank partial sums of exp((z_i - m) / T) E[i] and of exp((z_i - m) / T) over the
+  rank's members of S (all-reduce sum of N * H and N); e = E[y] from the rank that owns y.
+
+An all-reduce's backward is the identity: each rank's downstream computation is the same
+function of the same reduced values, so the gradient arriving there is already the global
+one (Megatron-LM's "reduce from the tensor-parallel region"). That needs every rank to run the
+backward of the same loss, and it is not a higher-order derivative: a backward with
+``create_graph=True`` raises :class:`~fused_cosloss.UnsupportedDifferentiationError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from .errors import UnsupportedDifferentiationError
+from .options import LossOptions
+from .reference import (Float32MatMul, WeightedRowSum, autocast_off, compute_dtype, cosine, select_topk,
+                        transformed_logits)
+
+NO_HIGHER_ORDER = ("mixed_loss: with process_group (a vocabulary sharded across processes) the gradient is exact for "
+                   "one backward of the same loss on every rank, not for create_graph=True (a higher-order gradient "
+                   "would need the other ranks' vectors); compute it without process_group on the gathered vocabulary")
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """This rank's part of the vocabulary: global rows ``[start, start + size)`` of ``vocab``."""
+
+    group: object
+    start: int
+    size: int
+    vocab: int
+
+    def owns(self, labels: torch.Tensor) -> torch.Tensor:
+        return (labels >= self.start) & (labels < self.start + self.size)
+
+
+def check_process_group(process_group, vocab_start) -> None:
+    """Type checks of the two arguments (no communication)."""
+    if process_group is None:
+        if vocab_start is not None:
+            raise ValueError(f"vocab_start: expected None without process_group (it places this rank's shard of a "
+                             f"vocabulary sharded across processes), got {vocab_start!r}")
+        return
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialized; call "
+                         "torch.distributed.init_process_group first (or pass process_group=None)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup (e.g. dist.group.WORLD or "
+                        f"dist.new_group(...)), got {type(process_group).__name__}")
+    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)
+                                    or vocab_start < 0):
+        raise ValueError(f"vocab_start: expected an integer >= 0 (the global index of this rank's first vocabulary "
+                         f"row) or None (the shards in rank order), got {vocab_start!r}")
+
+
+def collective_device(group, device: torch.device) -> torch.device:
+    """Where the group's collectives take tensors (gloo: the CPU; nccl: the current CUDA device)."""
+    backend = dist.get_backend(group)
+    if backend == "gloo":
+        return torch.device("cpu")
+    return device
+
+
+def resolve_shard(group, vocab_start: int | None, local_vocab: int, rows: int, valid_rows: int,
+                  device: torch.device) -> VocabShard:
+    """This rank's shard, checked against every other rank's (one all-gather of four integers): the
+    shards must tile ``[0, V)`` and every rank must pass as many positions (and valid ones), else
+    each rank raises the same ``ValueError`` (rather than a collective of mismatched shapes hanging)."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([-1 if vocab_start is None else vocab_start, local_vocab, rows, valid_rows],
+                        dtype=torch.int64, device=collective_device(group, device))
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    table = [tuple(int(x) for x in item.tolist()) for item in gathered]
+    rank = dist.get_rank(group)
+    if len({entry[2:] for entry in table}) != 1:
+        raise ValueError("labels: expected the same positions on every rank of process_group (the vocabulary is "
+                         f"sharded, not the positions); got (positions, valid positions) by rank "
+                         f"{[entry[2:] for entry in table]}")
+    given = [entry[0] >= 0 for entry in table]
+    if any(given) and not all(given):
+        raise ValueError("vocab_start: expected it on every rank of process_group or on none; got it on ranks "
+                         f"{[r for r, g in enumerate(given) if g]} only")
+    sizes = [entry[1] for entry in table]
+    starts = [entry[0] for entry in table] if all(given) else [sum(sizes[:r]) for r in range(world)]
+    position = 0
+    for start, size in sorted(zip(starts, sizes)):
+        if start != position:
+            raise ValueError(f"vocab_start: the shards (start, size) by rank {list(zip(starts, sizes))} do not tile "
+                             f"the vocabulary [0, {sum(sizes)}) without gaps or overlaps")
+        position += size
+    return VocabShard(group=group, start=starts[rank], size=sizes[rank], vocab=position)
+
+
+class _SumOverShards(torch.autograd.Function):
+    """All-reduce sum in the forward, identity in the backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group, device):
+        out = tensor.to(device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out.to(tensor.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise UnsupportedDifferentiationError(NO_HIGHER_ORDER)
+        return grad, None, None
+
+
+class _CopyToShards(torch.autograd.Function):
+    """Identity in the forward, all-reduce sum of the gradient in the backward: an input every rank
+    holds whole (the hidden states of the fused-linear mode) gets the sum of the ranks' parts."""
+
+    @staticmethod
+    def forward(ctx, tensor, group, device):
+        ctx.group, ctx.device = group, device
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise UnsupportedDifferentiationError(NO_HIGHER_ORDER)
+        total = grad.to(ctx.device, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total.to(grad.device), None, None
+
+
+def copy_to_shards(tensor: torch.Tensor, shard_group) -> torch.Tensor:
+    return _CopyToShards.apply(tensor, shard_group, collective_device(shard_group, tensor.device))
+
+
+class _Collectives:
+    """The collectives of one call, on the group's device."""
+
+    def __init__(self, shard: VocabShard, device: torch.device):
+        self.shard, self.device = shard, collective_device(shard.group, device)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _SumOverShards.apply(tensor, self.shard.group, self.device)
+
+    @torch.no_grad()
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.to(self.device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.shard.group)
+        return out.to(tensor.device)
+
+    @torch.no_grad()
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[P, *tensor.shape]``, in rank order."""
+        local = tensor.to(self.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.shard.group))]
+        dist.all_gather(parts, local, group=self.shard.group)
+        return torch.stack(parts).to(tensor.device)
+
+
+@torch.no_grad()
+def global_topk(z: torch.Tensor, k: int, shard: VocabShard, comm: _Collectives) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, global indices) ``[n, k]`` of the k best entries of each full row, best first: each
+    rank's own k best (or all it has), gathered and ordered by value, the lower global index first
+    among equal values (padding sorts last: value -inf at index V)."""
+    n = z.shape[0]
+    local_k = min(k, shard.size)
+    index = select_topk(z, local_k)
+    values = torch.full((n, k), float("-inf"), dtype=z.dtype, device=z.device)
+    where = torch.full((n, k), shard.vocab, dtype=torch.long, device=z.device)
+    values[:, :local_k] = z.gather(1, index)
+    where[:, :local_k] = index + shard.start
+    width = dist.get_world_size(shard.group) * k
+    all_values = comm.gather(values).permute(1, 0, 2).reshape(n, width)
+    all_where = comm.gather(where).permute(1, 0, 2).reshape(n, width)
+    by_index = torch.sort(all_where, dim=1, stable=True).indices
+    all_values, all_where = all_values.gather(1, by_index), all_where.gather(1, by_index)
+    by_value = torch.sort(all_values, dim=1, descending=True, stable=True).indices[:, :k]
+    return all_values.gather(1, by_value), all_where.gather(1, by_value)
+
+
+def vocab_parallel_rows(logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, options: LossOptions,
+                        shard: VocabShard):
+    """``(ce, cos, correct, lse)`` per position, as ``reference_rows`` gives them for the whole
+    vocabulary, from this rank's ``logits [N, V_r]`` and ``embedding [V_r, H]`` (the same on
+    every rank); differentiable in both for one backward."""
+    with autocast_off(logits.device):
+        return _rows(logits, labels, embedding, options, shard)
+
+
+def _rows(logits, labels, embedding, options: LossOptions, shard: VocabShard):
+    comm = _Collectives(shard, logits.device)
+    dtype = compute_dtype(logits.dtype)
+    n = logits.shape[0]
+    rows = (labels != options.ignore_index).nonzero().squeeze(1)
+    z = transformed_logits(logits.index_select(0, rows).to(dtype), options)
+    y = labels.index_select(0, rows).long()
+
+    row_max = comm.max(z.detach().amax(dim=-1))
+    m = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    shifted = z - m[:, None]
+    log_sum = comm.sum(shifted.exp().sum(dim=-1)).log()
+    owner = shard.owns(y)
+    local_y = (y - shard.start).clamp(0, shard.size - 1)
+    target = comm.sum(torch.where(owner, shifted.gather(1, local_y[:, None]).squeeze(1), shifted.new_zeros(())))
+    if options.label_smoothing:
+        mean_shifted = comm.sum(shifted.sum(dim=-1)) / shard.vocab
+        ce = log_sum - (1.0 - options.label_smoothing) * target - options.label_smoothing * mean_shifted
+    else:
+        ce = log_sum - target
+    lse = log_sum + m
+
+    dense = options.with_cos and options.k >= shard.vocab
+    best_values, best_index = global_topk(z.detach(), options.k if options.with_cos and not dense else 1, shard, comm)
+    correct = best_index[:, 0] == y
+    if options.with_cos:
+        table = embedding.to(dtype)
+        top = row_max if dense else best_values[:, 0]  # the row's maximum, unshifted (NaN / -inf as the reference)
+        mu = _expected_embedding(z, table, top, best_index, dense, options.temperature, shard, comm)
+        e = comm.sum(torch.where(owner[:, None], table.index_select(0, local_y), table.new_zeros(())))
+        cos = cosine(mu, e)
+    else:
+        cos = torch.zeros_like(ce)
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(n).index_copy(0, rows, values)
+
+    return scatter(ce), scatter(cos), scatter(correct), scatter(lse)
+
+
+def _expected_embedding(z, table, top, best_index, dense, temperature, shard: VocabShard, comm: _Collectives):
+    """mu = (sum_{i in S} exp((z_i - top) / T) E[i]) / (sum_{i in S} exp((z_i - top) / T)), each sum over
+    the ranks' members of S."""
+    if dense:
+        numerators = torch.exp((z - top[:, None]) / temperature)
+        partial = Float32MatMul.apply(numerators, table)
+    else:
+        member = shard.owns(best_index)
+        local = (best_index - shard.start).clamp(0, shard.size - 1)
+        numerators = torch.where(member, torch.exp((z.gather(1, local) - top[:, None]) / temperature), z.new_zeros(()))
+        partial = WeightedRowSum.apply(local, table, numerators)
+    return comm.sum(partial) / comm.sum(numerators.sum(dim=-1))[:, None]
+
+
+__all__ = ["VocabShard", "check_process_group", "copy_to_shards", "resolve_shard", "vocab_parallel_rows"]

@@ -1,0 +1,293 @@
+"""The vocabulary-parallel layout (``process_group``): P = 2, 3, 4 CPU processes (gloo), each holding
+a contiguous shard of the vocabulary, compute the loss of the whole vocabulary; its value, its
+parts and every rank's shard gradients equal the single-process reference's on the gathered
+tensors (float64: to rounding; bfloat16 inputs: both compute in float32).
+
+Each case's inputs come from its seed on every rank; the parent process runs the single-process
+loss itself and compares. The cases cover uneven shards, shards placed out of rank order
+(``vocab_start``), ties across a shard boundary (integer logits), rows whose top-K lies in one
+shard, K larger than a shard, the whole vocabulary (``topk=None``), ignore_index and an all-ignored
+batch, every reduction, ``shift``, the loss options, per-position weights, bfloat16, and the
+fused-linear mode (a row-sharded LM head; the hidden states' gradient summed over the ranks).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fused_cosloss import LinearMixedLoss, MixedLoss, UnsupportedDifferentiationError, linear_mixed_loss, mixed_loss
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo")
+
+HIDDEN = 6
+BASE = dict(alpha=0.5, temperature=0.7, topk=4, reduction="mean")
+CASES = {
+    2: [
+        dict(name="ties across the boundary", sizes=[9, 11], ties=True, ignore=3),
+        dict(name="K above a shard's size, module", sizes=[9, 11], topk=12, reduction="sum", module=True),
+        dict(name="bfloat16", sizes=[12, 8], dtype="bfloat16", topk=5),
+        dict(name="fused linear, module", sizes=[10, 10], linear=True, ignore=2, softcap=4.0, module=True),
+        dict(name="parts at alpha 1 and K 1", sizes=[7, 13], alpha=1.0, topk=1, parts=True),
+    ],
+    3: [
+        dict(name="options, weights, shift", sizes=[10, 7, 12], shift=True, topk=6, temperature=1.3, reduction="sum",
+             label_smoothing=0.1, z_loss=1e-3, softcap=3.0, logit_scale=0.7, weight=True, parts=True),
+        dict(name="top-K in one shard", sizes=[10, 7, 12], peak_shard=1, topk=5),
+        dict(name="all ignored", sizes=[4, 4, 5], ignore=100, parts=True),
+        dict(name="fused linear, untied, shift", sizes=[5, 9, 6], linear=True, untied=True, shift=True,
+             reduction="none"),
+    ],
+    4: [
+        dict(name="whole vocabulary, out of rank order", sizes=[5, 6, 4, 8], topk=None, reduction="none",
+             order=[3, 1, 0, 2], ties=True),
+        dict(name="alpha 0, mean", sizes=[3, 9, 5, 6], alpha=0.0, ignore=4),
+    ],
+}
+DTYPES = {"float64": torch.float64, "bfloat16": torch.bfloat16}
+LOSS_KEYS = ("alpha", "temperature", "topk", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale")
+
+
+def _case(case: dict) -> dict:
+    return {**BASE, **case}
+
+
+def _inputs(case: dict, seed: int):
+    """The whole vocabulary's tensors: (logits or hidden, labels, embedding, head weight or None, weight,
+    the upstream gradient of a "none" loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, dtype = sum(case["sizes"]), DTYPES[case.get("dtype", "float64")]
+    shape = (2, 5) if case.get("shift") else (9,)
+    n = 10 if case.get("shift") else 9
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    flat = labels.view(-1)
+    flat[torch.randperm(n, generator=gen)[:min(case.get("ignore", 0), n)]] = -100
+    embedding = torch.randn(vocab, HIDDEN, generator=gen, dtype=torch.float64)
+    head = None
+    if case.get("linear"):
+        logits = torch.randn(*shape, HIDDEN, generator=gen, dtype=torch.float64)  # the hidden states
+        head = torch.randn(vocab, HIDDEN, generator=gen, dtype=torch.float64) / HIDDEN ** 0.5
+    elif case.get("ties"):
+        logits = torch.randint(0, 3, (*shape, vocab), generator=gen).to(torch.float64)
+    else:
+        logits = torch.randn(*shape, vocab, generator=gen, dtype=torch.float64) * 2
+    if case.get("peak_shard") is not None:
+        start = sum(case["sizes"][:case["peak_shard"]])
+        logits[..., start:start + case["sizes"][case["peak_shard"]]] += 20.0
+    weight = torch.rand(shape, generator=gen, dtype=torch.float64) if case.get("weight") else None
+    upstream = torch.randn(shape, generator=gen, dtype=torch.float64)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(logits), labels, cast(embedding), cast(head), weight, upstream
+
+
+def _starts(case: dict) -> list[int]:
+    """Each rank's first vocabulary row: the shards in ``order`` (rank order by default)."""
+    sizes, order = case["sizes"], case.get("order", list(range(len(case["sizes"]))))
+    starts, position = [0] * len(sizes), 0
+    for rank in order:
+        starts[rank] = position
+        position += sizes[rank]
+    return starts
+
+
+def _run(case: dict, logits, labels, embedding, head, weight, upstream, **parallel):
+    """(loss or its parts, gradients by name) of one call, whole or sharded."""
+    options = {key: case[key] for key in LOSS_KEYS if key in case}
+    leaves = {"input": logits.detach().requires_grad_(), "embedding": embedding.detach().requires_grad_()}
+    common = dict(shift=case.get("shift", False), backend="reference", **options, **parallel)
+    parts = case.get("parts", False)
+    if head is not None:
+        leaves["head"] = head.detach().requires_grad_()
+        embedding = leaves["embedding"] if case.get("untied") else None
+        if case.get("module"):
+            out = LinearMixedLoss(**common)(leaves["input"], leaves["head"], labels, embedding, return_parts=parts,
+                                            position_weight=weight)
+        else:
+            out = linear_mixed_loss(leaves["input"], leaves["head"], labels, embedding=embedding,
+                                    position_weight=weight, return_parts=parts, **common)
+        if not case.get("untied"):
+            del leaves["embedding"]
+    elif case.get("module"):
+        out = MixedLoss(**common)(leaves["input"], labels, leaves["embedding"], return_parts=parts, weight=weight)
+    else:
+        out = mixed_loss(leaves["input"], labels, leaves["embedding"], weight=weight, return_parts=parts, **common)
+    loss = out.loss if case.get("parts") else out
+    target = (loss * upstream[..., :loss.shape[-1]].to(loss.dtype)).sum() if case["reduction"] == "none" else loss
+    target.backward()
+    values = out._asdict() if case.get("parts") else {"loss": out}
+    grads = {name: leaf.grad for name, leaf in leaves.items() if leaf.grad is not None}
+    return {key: value.detach() for key, value in values.items()}, grads
+
+
+def _sharded(case: dict, rank: int, group):
+    logits, labels, embedding, head, weight, upstream = _inputs(case, seed=len(case["name"]))
+    start, size = _starts(case)[rank], case["sizes"][rank]
+    part = slice(start, start + size)
+    if head is not None:
+        head = head[part]
+    else:
+        logits = logits[..., part]
+    explicit = {"vocab_start": start} if "order" in case else {}
+    return _run(case, logits, labels, embedding[part], head, weight, upstream, process_group=group, **explicit)
+
+
+def _worker(rank, world, port, path):
+    """Every rank runs every case of its world size and saves its results; os._exit skips gloo's
+    teardown (see test_ddp.py)."""
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        results = {case["name"]: _sharded(_case(case), rank, dist.group.WORLD) for case in CASES[world]}
+        results["errors"] = _refusals(rank, world)
+        torch.save(results, f"{path}.{rank}")
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _refusals(rank: int, world: int) -> dict:
+    """The messages of the calls the layout refuses (every rank raises the same error: no hang)."""
+    logits, labels = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3 * world, (4,))
+    embedding = torch.randn(3, HIDDEN, dtype=torch.float64)
+    errors = {}
+
+    def record(name, call):
+        try:
+            call()
+        except (ValueError, TypeError, UnsupportedDifferentiationError) as error:
+            errors[name] = f"{type(error).__name__}: {error}"
+
+    group = dist.group.WORLD
+    record("overlap", lambda: mixed_loss(logits, labels, embedding, process_group=group, vocab_start=0))
+    record("positions", lambda: mixed_loss(logits[:4 - (rank == 0)], labels[:4 - (rank == 0)], embedding,
+                                           process_group=group))
+    record("kernel", lambda: mixed_loss(logits, labels, embedding, process_group=group, backend="native"))
+    record("labels", lambda: mixed_loss(logits, labels + 3 * world, embedding, process_group=group))
+
+    def higher_order():
+        z = logits.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(mixed_loss(z, labels, embedding, process_group=group), z, create_graph=True)
+        grad.sum().backward()
+    record("create_graph", higher_order)
+    return errors
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(world: int, path: str, seconds: float) -> None:
+    context = mp.spawn(_worker, args=(world, _free_port(), path), nprocs=world, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {world} vocabulary-parallel workers did not finish within {seconds} s")
+
+
+def _tolerance(case: dict) -> float:
+    return 1e-5 if case.get("dtype") == "bfloat16" else 1e-11
+
+
+def _assert_close(got, want, tolerance, what):
+    """Within ``tolerance`` of the largest value, plus one rounding of the tensor's own dtype per element
+    (bfloat16 gradients are float32 values rounded once: two float32 values a rounding apart may round
+    to neighbouring bfloat16 values). The largest value counts as at least 1e-3, the gradients' natural
+    size here (alpha / (T N)): a gradient that is zero analytically (K = 1) comes out a rounding from zero."""
+    ulp = torch.finfo(got.dtype).eps if got.dtype in (torch.bfloat16, torch.float16) else 0.0
+    got, want = got.double(), want.double()
+    if not want.numel():
+        return
+    scale = max(want.abs().max().item(), 1e-3)
+    excess = ((got - want).abs() - ulp * want.abs()).max().item()
+    assert excess <= tolerance * scale, f"{what}: max error {excess:.3g} beyond one rounding, scale {scale:.3g}"
+
+
+_RESULTS: dict[int, list[dict]] = {}
+
+
+def sharded_results(world: int, tmp_path_factory) -> list[dict]:
+    """Every rank's results of the world's cases (one spawn of ``world`` processes per session)."""
+    if world not in _RESULTS:
+        path = str(tmp_path_factory.mktemp(f"vocab_parallel_{world}") / "results")
+        _spawn(world, path, seconds=240)
+        _RESULTS[world] = [torch.load(f"{path}.{rank}") for rank in range(world)]
+    return _RESULTS[world]
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_sharded_loss_and_gradients_equal_the_whole_vocabulary(world, tmp_path_factory):
+    ranks = sharded_results(world, tmp_path_factory)
+    for raw in CASES[world]:
+        case = _case(raw)
+        want_values, want_grads = _run(case, *_inputs(case, seed=len(case["name"])))
+        tolerance, starts = _tolerance(case), _starts(case)
+        for rank, results in enumerate(ranks):
+            values, grads = results[case["name"]]
+            for key, want in want_values.items():
+                _assert_close(values[key], want, tolerance, f"P={world} {case['name']}: rank {rank}'s {key}")
+            part = slice(starts[rank], starts[rank] + case["sizes"][rank])
+            assert set(grads) == set(want_grads), f"P={world} {case['name']}: gradients {set(grads)}"
+            for name, want in want_grads.items():
+                if name != "input":
+                    want = want[part]
+                elif not case.get("linear"):
+                    want = want[..., part]
+                _assert_close(grads[name], want, tolerance, f"P={world} {case['name']}: rank {rank}'s d{name}")
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_refusals_name_the_argument(world, tmp_path_factory):
+    """Overlapping shards, ranks with different positions, a kernel backend named explicitly, a label
+    beyond the whole vocabulary and a higher-order gradient each raise on every rank (no hang)."""
+    for results in sharded_results(world, tmp_path_factory):
+        errors = results["errors"]
+        assert "vocab_start" in errors["overlap"] and "tile" in errors["overlap"]
+        assert errors["positions"].startswith("ValueError: labels: expected the same positions")
+        assert "backend" in errors["kernel"] and "'reference'" in errors["kernel"]
+        assert f"labels: expected values in [0, {3 * world})" in errors["labels"]
+        assert errors["create_graph"].startswith("UnsupportedDifferentiationError") and \
+            "create_graph" in errors["create_graph"]
+
+
+def test_arguments_checked_without_a_group():
+    logits, labels, embedding = torch.randn(3, 5), torch.tensor([0, 1, 2]), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="vocab_start: expected None without process_group"):
+        mixed_loss(logits, labels, embedding, vocab_start=0)
+    if not dist.is_initialized():
+        with pytest.raises(ValueError, match="process_group: torch.distributed is not initialized"):
+            mixed_loss(logits, labels, embedding, process_group=object())
+
+
+def test_the_documented_torchrun_example_runs_and_agrees():
+    """docs/examples/vocab_parallel_torchrun.py under ``torchrun --nproc_per_node 2``, as the page shows it."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "docs/examples/vocab_parallel_torchrun.py"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded, whole = map(float, re.search(r"loss ([\d.]+), whole vocabulary in one process ([\d.]+)",
+                                          done.stdout).groups())
+    assert sharded == pytest.approx(whole, rel=1e-6)
+    differences = [float(x) for x in re.findall(r"(?:difference|rows) ([\d.e+-]+)", done.stdout)]
+    assert len(differences) == 2 and max(differences) < 1e-6
