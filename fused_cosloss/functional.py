@@ -10,6 +10,7 @@ from . import backends
 from .autograd import GradIntoLogitsFunction, kernel_loss, kernel_rows
 from .backends import Backend
 from .compile_ops import compiled_kernel_rows
+from .dtensor_inputs import plain_inputs, plain_labels
 from .loss_math import effective_weight, loss_rows, mean_divisor, reduce_positions
 from .meta import meta_rows
 from .options import LossOptions
@@ -107,6 +108,10 @@ def mixed_loss(
         vocab_start: with ``process_group``, the global index of this rank's first vocabulary
             row; None places the shards in rank order.
 
+    ``DTensor`` inputs: an embedding sharded on its rows by FSDP2 (``fully_shard``) is gathered
+    for the call; logits sharded on the vocabulary with the embedding sharded on its rows (one
+    mesh) take the vocabulary-parallel layout; other layouts raise (see ``dtensor_inputs.py``).
+
     Returns:
         The loss (a scalar, or the per-position values for ``"none"``: 0 at ignored
         positions) in float32 (float64 for float64 logits), or a :class:`MixedLossOutput`.
@@ -114,6 +119,8 @@ def mixed_loss(
     alpha, temperature, topk = check_scalars(alpha, temperature, topk, reduction, backend)
     logit_scale, softcap, label_smoothing, z_loss = check_loss_options(logit_scale, softcap, label_smoothing, z_loss)
     ignore_index = check_ignore_index(ignore_index)
+    logits, embedding, process_group, vocab_start = plain_inputs(logits, embedding, process_group, vocab_start)
+    labels = plain_labels(labels)
     for name, flag in (("shift", shift), ("return_parts", return_parts), ("inplace_grad", inplace_grad)):
         check_flag(name, flag)
     check_flag("grad_in_forward", grad_in_forward, optional=True)

@@ -13,6 +13,7 @@ from .options import LossOptions
 from .validation import (check_chunk_size, check_flag, check_ignore_index, check_label_range, check_linear_tensors,
                          check_loss_options, check_scalars, check_weight)
 from .functional import assemble, mixed_loss, shift_labels, shift_weight
+from .dtensor_inputs import gathered_if_sharded, plain_labels
 from .vocab_parallel import check_process_group, copy_to_shards
 
 # Default chunk: about this many logits at a time (V = 50257: 333 rows on CPU, 1335 on CUDA).
@@ -79,6 +80,8 @@ def linear_mixed_loss(
             across the group's processes, as in :func:`fused_cosloss.mixed_loss`; ``hidden`` is
             whole on every rank and its gradient is summed over the ranks. This layout computes
             the shard's ``[N, V_r]`` logits at once (the reference's formulation; no chunks).
+            A ``weight`` (``bias``, ``embedding``) that is a ``DTensor`` sharded on its rows, as
+            FSDP2 shards it, is gathered for the call instead (see ``dtensor_inputs.py``).
         The other arguments are those of :func:`fused_cosloss.mixed_loss`.
 
     Returns:
@@ -89,6 +92,9 @@ def linear_mixed_loss(
     ignore_index = check_ignore_index(ignore_index)
     check_flag("shift", shift)
     check_flag("return_parts", return_parts)
+    weight, bias, embedding = (gathered_if_sharded(name, table) for name, table in
+                               (("weight", weight), ("bias", bias), ("embedding", embedding)))
+    hidden, labels = plain_labels(hidden, "hidden"), plain_labels(labels)
     check_linear_tensors(hidden, weight, labels, embedding, bias, shift)
     check_weight(position_weight, labels, name="position_weight")
     chunk_size = check_chunk_size(chunk_size)
