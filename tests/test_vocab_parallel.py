@@ -291,3 +291,22 @@ def test_the_documented_torchrun_example_runs_and_agrees():
     assert sharded == pytest.approx(whole, rel=1e-6)
     differences = [float(x) for x in re.findall(r"(?:difference|rows) ([\d.e+-]+)", done.stdout)]
     assert len(differences) == 2 and max(differences) < 1e-6
+
+
+def test_the_tp_benchmark_counts_what_the_cost_model_predicts(tmp_path, capsys):
+    """bench/tp.py at a tiny size: a row per P, the sharded loss equal to one process's, and the bytes
+    each collective carried equal to docs/vocab_parallel.md's count (plus the shard check's 4 integers
+    per other rank)."""
+    from bench import tp
+
+    assert tp.main(["--world", "2,3", "--tokens", "24", "--vocab", "50", "--hidden", "8", "--topk", "6",
+                    "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    import json
+
+    results = json.loads((tmp_path / f"tp-cpu-{os.cpu_count()}core.json").read_text())
+    assert [row["world"] for row in results["rows"]] == [1, 2, 3]
+    for row in results["rows"][1:]:
+        assert row["bytes"]["all_reduce"] == row["predicted_bytes"]["all_reduce"]
+        assert row["bytes"]["all_gather"] == row["predicted_bytes"]["all_gather"] + 32 * (row["world"] - 1)
+        assert row["loss"] == pytest.approx(results["rows"][0]["loss"], rel=1e-5)
+    assert (tmp_path / f"tp-cpu-{os.cpu_count()}core.md").read_text() == tp.table(results)
