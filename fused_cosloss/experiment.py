@@ -21,7 +21,7 @@ import time
 from . import train_report
 from .text_data import GENERATED, PYDOC, load_raw_splits, tokenize_splits, train_tokenizer
 from .train_args import TINY, Arguments
-from .train_env import LoadProbe, layout_text, world_layout
+from .train_env import LoadProbe, layout_text, parallel_layout, world_layout
 
 PAIR = (("baseline", 0.0), ("mixed", 0.5))
 
@@ -164,6 +164,10 @@ def prepare_run(args: Arguments, alpha: float, temperature: float, run_dir: str,
         data_collator=default_data_collator, **loss_fn.trainer_kwargs(),
     )
     world = world_layout(training_args, torch.get_num_threads())
+    try:
+        world["parallel"] = parallel_layout(trainer)
+    except ValueError as error:  # every rank raises alike: a clean stop, not a traceback per process
+        raise SystemExit(f"error: {error}") from None
     if "world" not in prepared and is_main_process():
         print(layout_text(world), flush=True)
     prepared["world"] = world

@@ -55,6 +55,29 @@ def world_layout(training_args, threads: int, env=None) -> dict:
     }
 
 
+FSDP_NOT_ENABLED = (
+    "--fsdp: accelerate did not enable FSDP for this run (on {device} it runs the processes as plain data "
+    "parallel and ignores --fsdp), so the parameters would not be sharded; run it on CUDA devices (FSDP2: "
+    "--fsdp full_shard --fsdp_config '{{\"version\": 2}}') or drop --fsdp. The loss itself takes FSDP2-sharded "
+    "embeddings on any device: docs/vocab_parallel.md")
+
+
+def parallel_layout(trainer) -> str:
+    """How the Trainer's model is spread over its processes: "single process", "data parallel (DDP)",
+    "FSDP1"/"FSDP2" (the parameters sharded) or "tensor parallel (N-way)" (a model loaded with a tp_plan).
+    Raises ``ValueError`` when --fsdp was asked for and accelerate did not enable it (it would otherwise
+    train as plain data parallel without a word)."""
+    args, model = trainer.args, trainer.model
+    tp_size = int(getattr(model, "tp_size", None) or 1)
+    if tp_size > 1:
+        return f"tensor parallel ({tp_size}-way)"
+    if args.fsdp:
+        if not getattr(trainer, "is_fsdp_enabled", False):
+            raise ValueError(FSDP_NOT_ENABLED.format(device=args.device))
+        return f"FSDP{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
+    return "data parallel (DDP)" if int(args.world_size) > 1 else "single process"
+
+
 def layout_text(world: dict) -> str:
     """One line on the process layout, and a second when accelerate's ``--cpu`` kept it to one process."""
     processes = "1 process" if world["world_size"] == 1 else (
@@ -62,6 +85,8 @@ def layout_text(world: dict) -> str:
         f"{world['distributed_backend']})")
     text = (f"world: {processes} on {world['device']}, {world['threads_per_process']} torch thread(s) each, "
             f"started by {world['launcher']}")
+    if world.get("parallel"):
+        text += f"; layout: {world['parallel']}"
     if world["world_size"] == 1 and world["accelerate_cpu"]:
         text += ("\nnote: `accelerate launch --cpu` starts one process whatever --num_processes says; for N CPU "
                  "processes use `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`")

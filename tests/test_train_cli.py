@@ -199,9 +199,31 @@ def test_launched_script_says_and_records_its_layout(train, tmp_path, launcher):
     if world_size == 1:
         assert world["launcher"] == "accelerate launch" and world["accelerate_cpu"]
         assert "world: 1 process on cpu" in process.stdout and "accelerate launch --cpu` starts one process" in process.stdout
+        assert world["parallel"] == "single process"
     else:
         assert (world["launcher"], world["processes_per_node"], world["distributed_backend"]) == ("torchrun", 2, "gloo")
         assert "world: 2 processes (2 per node on 1 node(s), gloo) on cpu" in process.stdout
+        assert world["parallel"] == "data parallel (DDP)" and "; layout: data parallel (DDP)" in process.stdout
+
+
+@pytest.mark.slow
+def test_fsdp_that_would_silently_be_data_parallel_is_refused(train, tmp_path):
+    """accelerate does not shard on CPU and would train --fsdp as plain DDP: the script stops with the reason."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    command = [sys.executable, *LAUNCHES["torchrun"][0], "fused_cosloss.train", *QUICK, "--max_steps", "1",
+               "--eval_pretrained", "false", "--output_dir", str(tmp_path / "run"), "--fsdp", "full_shard",
+               "--fsdp_config", '{"version": 2}']
+    process = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert process.returncode != 0
+    assert "error: --fsdp: accelerate did not enable FSDP for this run (on cpu" in process.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 # ---- the arguments: HfArgumentParser over TrainingArguments, as run_clm.py --------------------------

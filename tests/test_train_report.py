@@ -170,3 +170,41 @@ def test_committed_results_are_comparisons_of_the_script():
             comparison = json.load(handle)
         assert comparison["kind"] in ("pair", "grid", "single", "eval") and comparison["runs"]
         assert not train_report.is_trained(comparison["runs"][0]), f"{name}: the first row is the model before training"
+
+
+# ---- the parallel layout ------------------------------------------------------------------------
+
+def _trainer(world=1, fsdp=(), fsdp_enabled=False, fsdp_version=2, tp_size=None, device="cpu"):
+    args = types.SimpleNamespace(world_size=world, fsdp=list(fsdp), device=device)
+    plugin = types.SimpleNamespace(fsdp_version=fsdp_version) if fsdp_enabled else None
+    return types.SimpleNamespace(args=args, model=types.SimpleNamespace(tp_size=tp_size),
+                                 is_fsdp_enabled=fsdp_enabled,
+                                 accelerator=types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin)))
+
+
+def test_parallel_layout_names_what_the_trainer_does():
+    assert train_env.parallel_layout(_trainer()) == "single process"
+    assert train_env.parallel_layout(_trainer(world=2)) == "data parallel (DDP)"
+    assert train_env.parallel_layout(_trainer(world=2, fsdp=["full_shard"], fsdp_enabled=True)) == "FSDP2"
+    assert train_env.parallel_layout(_trainer(world=2, fsdp=["full_shard"], fsdp_enabled=True, fsdp_version=1)) == \
+        "FSDP1"
+    assert train_env.parallel_layout(_trainer(world=4, tp_size=4)) == "tensor parallel (4-way)"
+    world = dict(train_env.world_layout(_training_args(world=2, backend="gloo"), threads=1, env={}),
+                 parallel="FSDP2")
+    assert train_env.layout_text(world).endswith("; layout: FSDP2")
+
+
+def test_fsdp_that_accelerate_did_not_enable_is_refused():
+    """On CPU accelerate runs --fsdp as plain data parallel without a word: the script refuses instead."""
+    with pytest.raises(ValueError, match=r"--fsdp: accelerate did not enable FSDP.*on cpu"):
+        train_env.parallel_layout(_trainer(world=2, fsdp=["full_shard"], fsdp_enabled=False))
+
+
+def test_a_tensor_parallel_model_is_refused_by_the_trainer_loss():
+    torch = pytest.importorskip("torch")
+    from fused_cosloss.hf import MixedLossForTrainer
+
+    model = torch.nn.Linear(2, 2)
+    model.tp_size = 2
+    with pytest.raises(ValueError, match="tensor parallel .* process_group"):
+        MixedLossForTrainer(model, embedding=torch.zeros(3, 2))
