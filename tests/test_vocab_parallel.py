@@ -43,6 +43,8 @@ CASES = {
              label_smoothing=0.1, z_loss=1e-3, softcap=3.0, logit_scale=0.7, weight=True, parts=True),
         dict(name="top-K in one shard", sizes=[10, 7, 12], peak_shard=1, topk=5),
         dict(name="all ignored", sizes=[4, 4, 5], ignore=100, parts=True),
+        dict(name="infinities, NaN in an ignored row", sizes=[6, 8, 5], infinities=True, topk=7, parts=True),
+        dict(name="infinities under a cap", sizes=[6, 8, 5], infinities=True, softcap=2.5, topk=7),
         dict(name="fused linear, untied, shift", sizes=[5, 9, 6], linear=True, untied=True, shift=True,
              reduction="none"),
     ],
@@ -82,6 +84,14 @@ def _inputs(case: dict, seed: int):
     if case.get("peak_shard") is not None:
         start = sum(case["sizes"][:case["peak_shard"]])
         logits[..., start:start + case["sizes"][case["peak_shard"]]] += 20.0
+    if case.get("infinities"):
+        # -inf where a shard has fewer finite logits than K, a label at -inf, and NaN in an ignored row
+        flat_logits, flat_labels = logits.view(-1, vocab), labels.view(-1)
+        flat_logits[0, :vocab - 3] = float("-inf")
+        flat_logits[1, 2:vocab:2] = float("-inf")
+        flat_logits[2, flat_labels[2]] = float("-inf")
+        flat_labels[3] = -100
+        flat_logits[3, 4] = float("nan")
     weight = torch.rand(shape, generator=gen, dtype=torch.float64) if case.get("weight") else None
     upstream = torch.randn(shape, generator=gen, dtype=torch.float64)
     cast = (lambda t: None if t is None else t.to(dtype))
@@ -207,11 +217,15 @@ def _tolerance(case: dict) -> float:
 
 def _assert_close(got, want, tolerance, what):
     """Within ``tolerance`` of the largest value, plus one rounding of the tensor's own dtype per element
-    (bfloat16 gradients are float32 values rounded once: two float32 values a rounding apart may round
+    (the same infinities and NaNs where the oracle has them; bfloat16 gradients are float32 values rounded once: two float32 values a rounding apart may round
     to neighbouring bfloat16 values). The largest value counts as at least 1e-3, the gradients' natural
     size here (alpha / (T N)): a gradient that is zero analytically (K = 1) comes out a rounding from zero."""
     ulp = torch.finfo(got.dtype).eps if got.dtype in (torch.bfloat16, torch.float16) else 0.0
     got, want = got.double(), want.double()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite) and torch.equal(got[~finite].isnan(), want[~finite].isnan()) \
+        and torch.equal(got[torch.isinf(want)], want[torch.isinf(want)]), f"{what}: {got} where {want} is expected"
+    got, want = got[finite], want[finite]
     if not want.numel():
         return
     scale = max(want.abs().max().item(), 1e-3)
