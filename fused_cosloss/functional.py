@@ -103,8 +103,8 @@ def mixed_loss(
             (tensor parallel): ``logits`` ``[..., V_r]`` and ``embedding`` ``[V_r, H]`` are this
             rank's contiguous range of it, the labels (global indices) are the same on every rank,
             and every rank returns the loss of the whole vocabulary; its backward gives each rank
-            its shards' gradients (every rank must run the backward of that same loss). None: the
-            whole vocabulary is here. See docs/vocab_parallel.md.
+            its shards' gradients (every rank must run the backward of that same loss). Every
+            backend takes it. None: the whole vocabulary is here. See docs/vocab_parallel.md.
         vocab_start: with ``process_group``, the global index of this rank's first vocabulary
             row; None places the shards in rank order.
 
@@ -135,7 +135,7 @@ def mixed_loss(
         weight = None if weight is None else shift_weight(weight)
     shard = None
     if process_group is not None and not logits.is_meta:
-        shard = _vocab_shard(process_group, vocab_start, logits, labels, ignore_index, backend)
+        shard = _vocab_shard(process_group, vocab_start, logits, labels, ignore_index)
     whole_vocab = vocab if shard is None else shard.vocab
     check_label_range(labels, whole_vocab, ignore_index)
     if inplace_grad and torch.compiler.is_compiling():
@@ -153,9 +153,11 @@ def mixed_loss(
     if logits.is_meta:  # shapes and dtypes only (see meta.py)
         return finish(*meta_rows(flat_logits, cos_shared=(embedding,), with_cos=options.with_cos))
     if shard is not None:
+        chosen = backends.resolve(backend, flat_logits, embedding)
         if inplace_grad:
             flat_logits = GradIntoLogitsFunction.apply(flat_logits)
-        return finish(*vocab_parallel_rows(flat_logits, flat_labels, embedding, options, shard))
+        ops = chosen.ops if chosen.is_kernel else None
+        return finish(*vocab_parallel_rows(flat_logits, flat_labels, embedding, options, shard, ops))
     chosen = backends.resolve(backend, flat_logits, embedding)
     if gradient_now and chosen.is_kernel:
         loss, *terms = kernel_loss(chosen.ops, flat_logits, flat_labels, embedding, options, alpha=alpha,
@@ -164,13 +166,8 @@ def mixed_loss(
     return finish(*position_terms(chosen, flat_logits, flat_labels, embedding, options, inplace_grad=inplace_grad))
 
 
-def _vocab_shard(process_group, vocab_start, logits, labels, ignore_index, backend) -> VocabShard:
-    """This rank's shard of the vocabulary (checked against the other ranks'); the vocabulary-parallel
-    layout runs the reference's formulation with collectives, so a kernel backend named explicitly is
-    refused."""
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"backend: the vocabulary-parallel layout (process_group) runs on backend 'reference' "
-                         f"(or 'auto'), got {backend!r}")
+def _vocab_shard(process_group, vocab_start, logits, labels, ignore_index) -> VocabShard:
+    """This rank's shard of the vocabulary, checked against the other ranks'."""
     rows = labels.numel()
     valid = int((labels != ignore_index).sum()) if rows else 0
     return resolve_shard(process_group, vocab_start, logits.shape[-1], rows, valid, logits.device)

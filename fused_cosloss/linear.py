@@ -79,7 +79,7 @@ def linear_mixed_loss(
         process_group, vocab_start: the LM head (and the embedding) sharded by vocabulary rows
             across the group's processes, as in :func:`fused_cosloss.mixed_loss`; ``hidden`` is
             whole on every rank and its gradient is summed over the ranks. This layout computes
-            the shard's ``[N, V_r]`` logits at once (the reference's formulation; no chunks).
+            the shard's ``[N, V_r]`` logits at once (no chunks), then the loss on them.
             A ``weight`` (``bias``, ``embedding``) that is a ``DTensor`` sharded on its rows, as
             FSDP2 shards it, is gathered for the call instead (see ``dtensor_inputs.py``).
         The other arguments are those of :func:`fused_cosloss.mixed_loss`.

@@ -1,13 +1,17 @@
 """The mixed loss over a vocabulary sharded across the processes of a ``torch.distributed`` group
 (tensor parallel: each rank holds logits ``[N, V_r]`` and embedding rows ``[V_r, H]`` of one
-contiguous range of the vocabulary), computed by the reference's formulation with collectives.
+contiguous range of the vocabulary), computed with collectives: by the reference's formulation
+throughout (``_rows``, the oracle), or with a kernel backend doing the passes over the shard's
+logits (``_kernel_rows``: the kernel's per-row log-sum-exp of the shard and its softmax gradient,
+``_ShardPasses``).
 
 Every rank passes the same labels and gets the same per-position rows, hence the same loss; the
 backward then gives each rank the gradient of that loss with respect to its own shards. The
 collectives (docs/vocab_parallel.md has the cost model):
 
-- the row maximum (all-reduce max), the sum of exponentials, the target logit and, with label
-  smoothing, the row sum (all-reduce sum): N floats each;
+- the row maximum (all-reduce max; the kernel path: the maximum of the ranks' log-sum-exps), the
+  sum of exponentials, the target logit and, with label smoothing, the row sum (all-reduce sum):
+  N floats each;
 - S: each rank's K' best candidates (value, global index) gathered from every rank and merged
   by the tie rule of docs/spec.md (the lower *global* index wins); the argmax with them;
 - mu: the per-rank partial sums of exp((z_i - m) / T) E[i] and of exp((z_i - m) / T) over the
@@ -27,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UnsupportedDifferentiationError
+from .autograd import kernel_layouts
 from .options import LossOptions
 from .reference import (Float32MatMul, WeightedRowSum, autocast_off, compute_dtype, cosine, select_topk,
                         transformed_logits)
@@ -191,12 +196,16 @@ def global_topk(z: torch.Tensor, k: int, shard: VocabShard, comm: _Collectives) 
 
 
 def vocab_parallel_rows(logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, options: LossOptions,
-                        shard: VocabShard):
+                        shard: VocabShard, ops=None):
     """``(ce, cos, correct, lse)`` per position, as ``reference_rows`` gives them for the whole
     vocabulary, from this rank's ``logits [N, V_r]`` and ``embedding [V_r, H]`` (the same on
-    every rank); differentiable in both for one backward."""
+    every rank); differentiable in both for one backward. ``ops``: a kernel backend (the
+    protocol of ``protocol.py``) for the passes over the shard's logits, or None for the
+    reference's formulation throughout."""
     with autocast_off(logits.device):
-        return _rows(logits, labels, embedding, options, shard)
+        if ops is None:
+            return _rows(logits, labels, embedding, options, shard)
+        return _kernel_rows(logits, labels, embedding, options, shard, ops)
 
 
 def _rows(logits, labels, embedding, options: LossOptions, shard: VocabShard):
@@ -237,6 +246,154 @@ def _rows(logits, labels, embedding, options: LossOptions, shard: VocabShard):
         return values.new_zeros(n).index_copy(0, rows, values)
 
     return scatter(ce), scatter(cos), scatter(correct), scatter(lse)
+
+
+class _ShardPasses(torch.autograd.Function):
+    """The passes over a shard's ``[N, V_r]`` logits, by a kernel backend: per row the log-sum-exp
+    of the shard's z' (the kernel's forward, cross-entropy only) and, read at a few entries, z' of
+    the target (its owner's; 0 elsewhere) and of the rank's members of S (0 at the others). The
+    backward writes the gradient of the log-sum-exps with the kernel's backward (one pass) and adds
+    the few entries' gradients in place: no other ``[N, V_r]`` tensor is made."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, embedding, target_index, owner, member_index, member, ops, options: LossOptions):
+        ce_only = dataclasses.replace(options, k=1, with_cos=False, label_smoothing=0.0)
+        _, _, _, lse, saved = ops.forward_rows(logits, labels, embedding, ce_only)
+        valid = (labels != options.ignore_index)[:, None]
+        target = _entries(logits, target_index[:, None], owner[:, None] & valid, options)[0].squeeze(1)
+        members = _entries(logits, member_index, member & valid, options)[0]
+        ctx.save_for_backward(logits, labels, embedding, target_index, owner & valid.squeeze(1), member_index,
+                              member & valid, lse, *saved)
+        ctx.ops, ctx.options, ctx.ce_only = ops, options, ce_only
+        return lse, target, members
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_target, grad_members):
+        if torch.is_grad_enabled():
+            raise UnsupportedDifferentiationError(NO_HIGHER_ORDER)
+        logits, labels, embedding, target_index, owner, member_index, member, lse, *saved = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        n = logits.shape[0]
+        if grad_lse is not None:
+            zeros = torch.zeros(n, device=logits.device, dtype=torch.float32)
+            dlogits, _ = ctx.ops.backward_rows(
+                logits, labels, embedding, tuple(saved), zeros, zeros, ctx.ce_only, need_logits_grad=True,
+                need_embedding_grad=False, grad_lse=grad_lse.float().contiguous())
+            # a row whose shard is -inf everywhere (the row's mass lies on other ranks): the kernel's
+            # softmax of the shard is 0/0 there, the row's true gradient 0 (but for its entries, below)
+            empty = torch.isneginf(lse)
+            if bool(empty.any()):
+                dlogits[empty] = 0
+        else:
+            dlogits = torch.zeros_like(logits)
+        _add_entry_gradients(dlogits, logits, lse, grad_lse, ctx.options,
+                             [(target_index[:, None], owner[:, None], grad_target), (member_index, member, grad_members)])
+        return dlogits, None, None, None, None, None, None, None, None
+
+
+def _add_entry_gradients(dlogits, logits, lse, grad_lse, options: LossOptions, entries) -> None:
+    """Add the gradients of a few entries (``(index [N, k], mask, grad)`` each) to the kernel's
+    ``dlogits``, rounding each touched element once: its value is recomputed in float32 (the
+    log-sum-exp's part ``grad_lse * exp(z' - lse) * dz'/dz`` plus every entry gradient at that
+    element) and written over the kernel's, so a 16-bit gradient is not rounded twice."""
+    rows, cols, grads = [], [], []
+    for index, mask, grad in entries:
+        if grad is None or not bool(mask.any()):
+            continue
+        grad = grad if grad.dim() == 2 else grad[:, None]
+        where = mask.nonzero(as_tuple=True)
+        rows.append(where[0])
+        cols.append(index[where])
+        grads.append(grad.expand_as(index)[where].float())
+    if not rows:
+        return
+    vocab = logits.shape[1]
+    keys, inverse = torch.unique(torch.cat(rows) * vocab + torch.cat(cols), return_inverse=True)
+    total = torch.zeros(keys.shape[0], device=logits.device, dtype=torch.float32).index_add_(0, inverse,
+                                                                                              torch.cat(grads))
+    row, col = keys // vocab, keys % vocab
+    with torch.enable_grad():
+        leaf = logits[row, col].float().requires_grad_()
+        value = transformed_logits(leaf, options)
+        (slope,) = torch.autograd.grad(value.sum(), leaf) if value.requires_grad else (torch.ones_like(leaf),)
+    value = value.detach()
+    total = total * slope
+    if grad_lse is not None:
+        share = torch.where(torch.isneginf(lse[row]), lse.new_zeros(()), torch.exp(value - lse[row]))
+        total = total + grad_lse.float()[row] * share * slope
+    dlogits[row, col] = total.to(dlogits.dtype)
+
+
+def _entries(logits, index, mask, options: LossOptions):
+    """(z', dz'/dz) of ``logits`` at ``index`` ``[N, k]`` in float32, 0 and 0 where ``mask`` is False."""
+    z = logits.gather(1, index).float()
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_()
+        value = transformed_logits(leaf, options)
+        (slope,) = torch.autograd.grad(value.sum(), leaf) if value.requires_grad else (torch.ones_like(z),)
+    zero = z.new_zeros(())
+    return torch.where(mask, value.detach(), zero), torch.where(mask, slope, zero)
+
+
+def _kernel_rows(logits, labels, embedding, options: LossOptions, shard: VocabShard, ops):
+    """``_rows`` with the passes over the shard's logits done by the kernel backend ``ops``: every
+    position goes through (an ignored one with zeros), so the logits are never copied."""
+    comm = _Collectives(shard, logits.device)
+    logits, labels, embedding = kernel_layouts(logits, labels, embedding)
+    valid = labels != options.ignore_index
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    owner = shard.owns(y) & valid
+    local_y = (y - shard.start).clamp(0, shard.size - 1)
+    kernel_labels = torch.where(valid, local_y, torch.full_like(local_y, options.ignore_index))
+
+    with torch.no_grad():  # S is chosen on z' (an ignored row's choice is never used)
+        keys = transformed_logits(logits.float(), options) if _transforms(options) else logits
+    dense = options.with_cos and options.k >= shard.vocab
+    best_values, best_index = global_topk(keys, options.k if options.with_cos and not dense else 1, shard, comm)
+    del keys
+    correct = (best_index[:, 0] == y) & valid
+    if options.with_cos and not dense:
+        member = shard.owns(best_index)
+        member_index = (best_index - shard.start).clamp(0, shard.size - 1)
+    else:
+        member_index = best_index[:, :0]
+        member = member_index.bool()
+    lse_here, target, member_z = _ShardPasses.apply(logits, kernel_labels, embedding, local_y, owner, member_index,
+                                                    member, ops, options)
+
+    top = comm.max(torch.where(valid, lse_here, lse_here.new_full((), float("-inf"))))
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    lse = top + comm.sum(torch.where(valid, torch.exp(lse_here - top), lse_here.new_zeros(()))).log()
+    target = comm.sum(target)
+    ce = lse - target
+    if options.label_smoothing:
+        mean = comm.sum(transformed_logits(logits.float(), options).sum(dim=-1)) / shard.vocab
+        ce = lse - (1.0 - options.label_smoothing) * target - options.label_smoothing * mean
+    if options.with_cos:
+        table = embedding.float()
+        peak = best_values[:, 0].float()
+        if dense:
+            z = transformed_logits(logits.float(), options)
+            numerators = torch.exp((z - peak[:, None]) / options.temperature)
+            numerators = torch.where(valid[:, None], numerators, numerators.new_zeros(()))
+            partial = Float32MatMul.apply(numerators, table)
+        else:
+            numerators = torch.where(member & valid[:, None], torch.exp((member_z - peak[:, None]) / options.temperature),
+                                     member_z.new_zeros(()))
+            partial = WeightedRowSum.apply(member_index, table, numerators)
+        denominator = comm.sum(numerators.sum(dim=-1))
+        mu = comm.sum(partial) / torch.where(valid, denominator, torch.ones_like(denominator))[:, None]
+        e = comm.sum(torch.where(owner[:, None], table.index_select(0, local_y), table.new_zeros(())))
+        cos = torch.where(valid, cosine(mu, e), mu.new_zeros(()))
+    else:
+        cos = torch.zeros_like(ce)
+    zero = ce.new_zeros(())
+    return torch.where(valid, ce, zero), cos, correct, torch.where(valid, lse, zero)
+
+
+def _transforms(options: LossOptions) -> bool:
+    return options.logit_scale != 1.0 or options.softcap is not None
 
 
 def _expected_embedding(z, table, top, best_index, dense, temperature, shard: VocabShard, comm: _Collectives):

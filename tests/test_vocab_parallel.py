@@ -54,12 +54,24 @@ CASES = {
         dict(name="alpha 0, mean", sizes=[3, 9, 5, 6], alpha=0.0, ignore=4),
     ],
 }
-DTYPES = {"float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 LOSS_KEYS = ("alpha", "temperature", "topk", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale")
 
 
-def _case(case: dict) -> dict:
-    return {**BASE, **case}
+def _case(case: dict, backend: str = "reference") -> dict:
+    """The case's arguments on ``backend``: the kernels take float32 where the reference takes float64."""
+    case = {**BASE, **case, "backend": backend}
+    if backend != "reference" and case.get("dtype", "float64") == "float64":
+        case["dtype"] = "float32"
+    return case
+
+
+def _backends() -> list[str]:
+    """The reference and the kernel backends that run here (the Triton kernels under the interpreter)."""
+    from fused_cosloss.backends import why_unavailable
+
+    probe = torch.empty(1, 1)
+    return ["reference"] + [name for name in ("native", "triton") if why_unavailable(name, probe, probe) is None]
 
 
 def _inputs(case: dict, seed: int):
@@ -112,7 +124,7 @@ def _run(case: dict, logits, labels, embedding, head, weight, upstream, **parall
     """(loss or its parts, gradients by name) of one call, whole or sharded."""
     options = {key: case[key] for key in LOSS_KEYS if key in case}
     leaves = {"input": logits.detach().requires_grad_(), "embedding": embedding.detach().requires_grad_()}
-    common = dict(shift=case.get("shift", False), backend="reference", **options, **parallel)
+    common = dict(shift=case.get("shift", False), backend=case["backend"], **options, **parallel)
     parts = case.get("parts", False)
     if head is not None:
         leaves["head"] = head.detach().requires_grad_()
@@ -155,7 +167,8 @@ def _worker(rank, world, port, path):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        results = {case["name"]: _sharded(_case(case), rank, dist.group.WORLD) for case in CASES[world]}
+        results = {(case["name"], backend): _sharded(_case(case, backend), rank, dist.group.WORLD)
+                   for backend in _backends() for case in CASES[world]}
         results["errors"] = _refusals(rank, world)
         torch.save(results, f"{path}.{rank}")
         dist.barrier()
@@ -183,7 +196,6 @@ def _refusals(rank: int, world: int) -> dict:
     record("overlap", lambda: mixed_loss(logits, labels, embedding, process_group=group, vocab_start=0))
     record("positions", lambda: mixed_loss(logits[:4 - (rank == 0)], labels[:4 - (rank == 0)], embedding,
                                            process_group=group))
-    record("kernel", lambda: mixed_loss(logits, labels, embedding, process_group=group, backend="native"))
     record("labels", lambda: mixed_loss(logits, labels + 3 * world, embedding, process_group=group))
 
     def higher_order():
@@ -212,7 +224,7 @@ def _spawn(world: int, path: str, seconds: float) -> None:
 
 
 def _tolerance(case: dict) -> float:
-    return 1e-5 if case.get("dtype") == "bfloat16" else 1e-11
+    return 1e-11 if case.get("dtype", "float64") == "float64" else 1e-5
 
 
 def _assert_close(got, want, tolerance, what):
@@ -245,15 +257,21 @@ def sharded_results(world: int, tmp_path_factory) -> list[dict]:
     return _RESULTS[world]
 
 
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("world", sorted(CASES))
-def test_sharded_loss_and_gradients_equal_the_whole_vocabulary(world, tmp_path_factory):
+def test_sharded_loss_and_gradients_equal_the_whole_vocabulary(world, backend, tmp_path_factory):
+    """Each backend in the layout (the kernels for the passes over the shard's logits) against the
+    single-process reference on the same inputs (float32 for the kernels, float64 for the reference)."""
+    if backend not in _backends():
+        pytest.skip(f"{backend} does not run here")
     ranks = sharded_results(world, tmp_path_factory)
     for raw in CASES[world]:
-        case = _case(raw)
-        want_values, want_grads = _run(case, *_inputs(case, seed=len(case["name"])))
+        case = _case(raw, backend)
+        want_values, want_grads = _run(_case(raw, backend) | {"backend": "reference"},
+                                       *_inputs(case, seed=len(case["name"])))
         tolerance, starts = _tolerance(case), _starts(case)
         for rank, results in enumerate(ranks):
-            values, grads = results[case["name"]]
+            values, grads = results[case["name"], backend]
             for key, want in want_values.items():
                 _assert_close(values[key], want, tolerance, f"P={world} {case['name']}: rank {rank}'s {key}")
             part = slice(starts[rank], starts[rank] + case["sizes"][rank])
@@ -268,13 +286,11 @@ def test_sharded_loss_and_gradients_equal_the_whole_vocabulary(world, tmp_path_f
 
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_refusals_name_the_argument(world, tmp_path_factory):
-    """Overlapping shards, ranks with different positions, a kernel backend named explicitly, a label
-    beyond the whole vocabulary and a higher-order gradient each raise on every rank (no hang)."""
+    """Overlapping shards, ranks with different positions, a label beyond the whole vocabulary and a higher-order gradient each raise on every rank (no hang)."""
     for results in sharded_results(world, tmp_path_factory):
         errors = results["errors"]
         assert "vocab_start" in errors["overlap"] and "tile" in errors["overlap"]
         assert errors["positions"].startswith("ValueError: labels: expected the same positions")
-        assert "backend" in errors["kernel"] and "'reference'" in errors["kernel"]
         assert f"labels: expected values in [0, {3 * world})" in errors["labels"]
         assert errors["create_graph"].startswith("UnsupportedDifferentiationError") and \
             "create_graph" in errors["create_graph"]
@@ -314,7 +330,7 @@ def test_the_tp_benchmark_counts_what_the_cost_model_predicts(tmp_path, capsys):
     from bench import tp
 
     assert tp.main(["--world", "2,3", "--tokens", "24", "--vocab", "50", "--hidden", "8", "--topk", "6",
-                    "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+                    "--repeats", "1", "--backend", "reference", "--out-dir", str(tmp_path)]) == 0
     import json
 
     results = json.loads((tmp_path / f"tp-cpu-{os.cpu_count()}core.json").read_text())
