@@ -175,10 +175,11 @@ class _Collectives:
 
 
 @torch.no_grad()
-def global_topk(z: torch.Tensor, k: int, shard: VocabShard, comm: _Collectives) -> tuple[torch.Tensor, torch.Tensor]:
+def global_topk(z: torch.Tensor, k: int, shard: VocabShard, comm: _Collectives):
     """(values, global indices) ``[n, k]`` of the k best entries of each full row, best first: each
     rank's own k best (or all it has), gathered and ordered by value, the lower global index first
-    among equal values (padding sorts last: value -inf at index V)."""
+    among equal values (padding sorts last: value -inf at index V); and this rank's best
+    (value, local index) ``[n]`` each."""
     n = z.shape[0]
     local_k = min(k, shard.size)
     index = select_topk(z, local_k)
@@ -192,7 +193,8 @@ def global_topk(z: torch.Tensor, k: int, shard: VocabShard, comm: _Collectives) 
     by_index = torch.sort(all_where, dim=1, stable=True).indices
     all_values, all_where = all_values.gather(1, by_index), all_where.gather(1, by_index)
     by_value = torch.sort(all_values, dim=1, descending=True, stable=True).indices[:, :k]
-    return all_values.gather(1, by_value), all_where.gather(1, by_value)
+    local_best = (values[:, 0].clone(), index[:, 0].clone())
+    return all_values.gather(1, by_value), all_where.gather(1, by_value), local_best
 
 
 def vocab_parallel_rows(logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, options: LossOptions,
@@ -231,7 +233,8 @@ def _rows(logits, labels, embedding, options: LossOptions, shard: VocabShard):
     lse = log_sum + m
 
     dense = options.with_cos and options.k >= shard.vocab
-    best_values, best_index = global_topk(z.detach(), options.k if options.with_cos and not dense else 1, shard, comm)
+    best_values, best_index, _ = global_topk(z.detach(), options.k if options.with_cos and not dense else 1, shard,
+                                             comm)
     correct = best_index[:, 0] == y
     if options.with_cos:
         table = embedding.to(dtype)
@@ -249,54 +252,66 @@ def _rows(logits, labels, embedding, options: LossOptions, shard: VocabShard):
 
 
 class _ShardPasses(torch.autograd.Function):
-    """The passes over a shard's ``[N, V_r]`` logits, by a kernel backend: per row the log-sum-exp
-    of the shard's z' (the kernel's forward, cross-entropy only) and, read at a few entries, z' of
-    the target (its owner's; 0 elsewhere) and of the rank's members of S (0 at the others). The
-    backward writes the gradient of the log-sum-exps with the kernel's backward (one pass) and adds
-    the few entries' gradients in place: no other ``[N, V_r]`` tensor is made."""
+    """The passes over a shard's ``[N, V_r]`` logits, by a kernel backend. Per row, relative to the
+    shard's maximum m_r of z' (given: the rank's best candidate, not differentiated, as the
+    reference detaches its maximum): the shard's ``log sum exp(z' - m_r)`` and, read at a few
+    entries, ``z'_y - m_r`` of the target (its owner's; 0 elsewhere) and z' of the rank's members of
+    S (0 at the others). The kernel's forward (cross-entropy only, one read) gives the first as its
+    ce_n for the label ``anchor``, the shard's argmax (``ce = log_sum - (z'_anchor - m_r)`` and
+    ``z'_anchor = m_r``), so nothing is rounded to the precision of |m_r|. The backward writes the gradient of
+    the log-sum-exps with the kernel's backward (one pass) and adds the few entries' gradients in
+    place: no other ``[N, V_r]`` tensor is made."""
 
     @staticmethod
-    def forward(ctx, logits, labels, embedding, target_index, owner, member_index, member, ops, options: LossOptions):
+    def forward(ctx, logits, target_index, anchor, embedding, peak, owner, member_index, member, ops,
+                options: LossOptions):
         ce_only = dataclasses.replace(options, k=1, with_cos=False, label_smoothing=0.0)
-        _, _, _, lse, saved = ops.forward_rows(logits, labels, embedding, ce_only)
-        valid = (labels != options.ignore_index)[:, None]
-        target = _entries(logits, target_index[:, None], owner[:, None] & valid, options)[0].squeeze(1)
+        ce, _, _, _, saved = ops.forward_rows(logits, anchor, embedding, ce_only)
+        valid = (anchor != options.ignore_index)[:, None]
+        label_index = torch.where(owner, target_index, 0)[:, None]
+        label_value = _entries(logits, label_index, owner[:, None], options)[0].squeeze(1)
+        zero = ce.new_zeros(())
+        log_sum = torch.where(torch.isneginf(peak) | ~valid.squeeze(1), zero, ce)
+        # z'_y - m_r; on a shard that is -inf everywhere, z'_y itself (-inf: ce is +inf, as the reference's)
+        relative = torch.where(torch.isneginf(peak), label_value, label_value - peak)
+        target = torch.where(owner & valid.squeeze(1), relative, zero)
         members = _entries(logits, member_index, member & valid, options)[0]
-        ctx.save_for_backward(logits, labels, embedding, target_index, owner & valid.squeeze(1), member_index,
-                              member & valid, lse, *saved)
+        ctx.save_for_backward(logits, target_index, anchor, embedding, owner & valid.squeeze(1), member_index,
+                              member & valid, peak, log_sum, *saved)
         ctx.ops, ctx.options, ctx.ce_only = ops, options, ce_only
-        return lse, target, members
+        return log_sum, target, members
 
     @staticmethod
-    def backward(ctx, grad_lse, grad_target, grad_members):
+    def backward(ctx, grad_log_sum, grad_target, grad_members):
         if torch.is_grad_enabled():
             raise UnsupportedDifferentiationError(NO_HIGHER_ORDER)
-        logits, labels, embedding, target_index, owner, member_index, member, lse, *saved = ctx.saved_tensors
+        logits, target_index, anchor, embedding, owner, member_index, member, peak, log_sum, *saved = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * 9
+            return (None,) * 10
         n = logits.shape[0]
-        if grad_lse is not None:
+        if grad_log_sum is not None:
             zeros = torch.zeros(n, device=logits.device, dtype=torch.float32)
             dlogits, _ = ctx.ops.backward_rows(
-                logits, labels, embedding, tuple(saved), zeros, zeros, ctx.ce_only, need_logits_grad=True,
-                need_embedding_grad=False, grad_lse=grad_lse.float().contiguous())
+                logits, anchor, embedding, tuple(saved), zeros, zeros, ctx.ce_only, need_logits_grad=True,
+                need_embedding_grad=False, grad_lse=grad_log_sum.float().contiguous())
             # a row whose shard is -inf everywhere (the row's mass lies on other ranks): the kernel's
             # softmax of the shard is 0/0 there, the row's true gradient 0 (but for its entries, below)
-            empty = torch.isneginf(lse)
+            empty = torch.isneginf(peak)
             if bool(empty.any()):
                 dlogits[empty] = 0
         else:
             dlogits = torch.zeros_like(logits)
-        _add_entry_gradients(dlogits, logits, lse, grad_lse, ctx.options,
-                             [(target_index[:, None], owner[:, None], grad_target), (member_index, member, grad_members)])
-        return dlogits, None, None, None, None, None, None, None, None
+        label_index = torch.where(owner, target_index, 0)[:, None]
+        _add_entry_gradients(dlogits, logits, peak, log_sum, grad_log_sum, ctx.options,
+                             [(label_index, owner[:, None], grad_target), (member_index, member, grad_members)])
+        return dlogits, None, None, None, None, None, None, None, None, None
 
 
-def _add_entry_gradients(dlogits, logits, lse, grad_lse, options: LossOptions, entries) -> None:
+def _add_entry_gradients(dlogits, logits, peak, log_sum, grad_log_sum, options: LossOptions, entries) -> None:
     """Add the gradients of a few entries (``(index [N, k], mask, grad)`` each) to the kernel's
     ``dlogits``, rounding each touched element once: its value is recomputed in float32 (the
-    log-sum-exp's part ``grad_lse * exp(z' - lse) * dz'/dz`` plus every entry gradient at that
-    element) and written over the kernel's, so a 16-bit gradient is not rounded twice."""
+    log-sum-exp's part ``grad * exp((z' - m_r) - log_sum) * dz'/dz`` plus every entry gradient at
+    that element) and written over the kernel's, so a 16-bit gradient is not rounded twice."""
     rows, cols, grads = [], [], []
     for index, mask, grad in entries:
         if grad is None or not bool(mask.any()):
@@ -319,9 +334,10 @@ def _add_entry_gradients(dlogits, logits, lse, grad_lse, options: LossOptions, e
         (slope,) = torch.autograd.grad(value.sum(), leaf) if value.requires_grad else (torch.ones_like(leaf),)
     value = value.detach()
     total = total * slope
-    if grad_lse is not None:
-        share = torch.where(torch.isneginf(lse[row]), lse.new_zeros(()), torch.exp(value - lse[row]))
-        total = total + grad_lse.float()[row] * share * slope
+    if grad_log_sum is not None:
+        share = torch.where(torch.isneginf(peak[row]), peak.new_zeros(()),
+                            torch.exp((value - peak[row]) - log_sum[row]))
+        total = total + grad_log_sum.float()[row] * share * slope
     dlogits[row, col] = total.to(dlogits.dtype)
 
 
@@ -338,20 +354,22 @@ def _entries(logits, index, mask, options: LossOptions):
 
 def _kernel_rows(logits, labels, embedding, options: LossOptions, shard: VocabShard, ops):
     """``_rows`` with the passes over the shard's logits done by the kernel backend ``ops``: every
-    position goes through (an ignored one with zeros), so the logits are never copied."""
+    position goes through (an ignored one with zeros), so the logits are never copied. Every term
+    is formed relative to the row's maximum M (the largest of the ranks' m_r), as the reference's."""
     comm = _Collectives(shard, logits.device)
     logits, labels, embedding = kernel_layouts(logits, labels, embedding)
     valid = labels != options.ignore_index
     y = torch.where(valid, labels, torch.zeros_like(labels))
     owner = shard.owns(y) & valid
     local_y = (y - shard.start).clamp(0, shard.size - 1)
-    kernel_labels = torch.where(valid, local_y, torch.full_like(local_y, options.ignore_index))
 
     with torch.no_grad():  # S is chosen on z' (an ignored row's choice is never used)
         keys = transformed_logits(logits.float(), options) if _transforms(options) else logits
     dense = options.with_cos and options.k >= shard.vocab
-    best_values, best_index = global_topk(keys, options.k if options.with_cos and not dense else 1, shard, comm)
+    best_values, best_index, local_best = global_topk(keys, options.k if options.with_cos and not dense else 1,
+                                                      shard, comm)
     del keys
+    peak_here, anchor = local_best[0].float(), local_best[1]
     correct = (best_index[:, 0] == y) & valid
     if options.with_cos and not dense:
         member = shard.owns(best_index)
@@ -359,17 +377,23 @@ def _kernel_rows(logits, labels, embedding, options: LossOptions, shard: VocabSh
     else:
         member_index = best_index[:, :0]
         member = member_index.bool()
-    lse_here, target, member_z = _ShardPasses.apply(logits, kernel_labels, embedding, local_y, owner, member_index,
-                                                    member, ops, options)
+    # the kernel's label is the shard's argmax (see _ShardPasses); ignored rows stay ignored
+    anchor = torch.where(valid, anchor, torch.full_like(anchor, options.ignore_index))
+    log_sum_here, target_here, member_z = _ShardPasses.apply(logits, local_y, anchor, embedding, peak_here, owner,
+                                                             member_index, member, ops, options)
 
-    top = comm.max(torch.where(valid, lse_here, lse_here.new_full((), float("-inf"))))
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    lse = top + comm.sum(torch.where(valid, torch.exp(lse_here - top), lse_here.new_zeros(()))).log()
-    target = comm.sum(target)
-    ce = lse - target
+    zero = log_sum_here.new_zeros(())
+    row_max = comm.max(torch.where(valid, peak_here, peak_here.new_full((), float("-inf"))))
+    m = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    offset = torch.where(torch.isneginf(peak_here), zero, peak_here - m)  # m_r - M, exact
+    log_sum = comm.sum(torch.where(torch.isneginf(peak_here) | ~valid, zero, torch.exp(offset + log_sum_here))).log()
+    target = comm.sum(torch.where(owner, target_here + offset, zero))  # z'_y - M
     if options.label_smoothing:
-        mean = comm.sum(transformed_logits(logits.float(), options).sum(dim=-1)) / shard.vocab
-        ce = lse - (1.0 - options.label_smoothing) * target - options.label_smoothing * mean
+        mean = comm.sum((transformed_logits(logits.float(), options) - m[:, None]).sum(dim=-1)) / shard.vocab
+        ce = log_sum - (1.0 - options.label_smoothing) * target - options.label_smoothing * mean
+    else:
+        ce = log_sum - target
+    lse = log_sum + m
     if options.with_cos:
         table = embedding.float()
         peak = best_values[:, 0].float()
@@ -388,7 +412,6 @@ def _kernel_rows(logits, labels, embedding, options: LossOptions, shard: VocabSh
         cos = torch.where(valid, cosine(mu, e), mu.new_zeros(()))
     else:
         cos = torch.zeros_like(ce)
-    zero = ce.new_zeros(())
     return torch.where(valid, ce, zero), cos, correct, torch.where(valid, lse, zero)
 
 
