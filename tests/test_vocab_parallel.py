@@ -75,9 +75,9 @@ def _backends() -> list[str]:
     return ["reference"] + [name for name in ("native", "triton") if why_unavailable(name, probe, probe) is None]
 
 
-def _inputs(case: dict, seed: int):
+def _inputs(case: dict, seed: int, device: str = "cpu"):
     """The whole vocabulary's tensors: (logits or hidden, labels, embedding, head weight or None, weight,
-    the upstream gradient of a "none" loss)."""
+    the upstream gradient of a "none" loss), made on the CPU and moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
     vocab, dtype = sum(case["sizes"]), DTYPES[case.get("dtype", "float64")]
     shape = (2, 5) if case.get("shift") else (9,)
@@ -109,8 +109,9 @@ def _inputs(case: dict, seed: int):
         flat_logits[3, 4] = float("nan")
     weight = torch.rand(shape, generator=gen, dtype=torch.float64) if case.get("weight") else None
     upstream = torch.randn(shape, generator=gen, dtype=torch.float64)
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return cast(logits), labels, cast(embedding), cast(head), weight, upstream
+    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+    move = (lambda t: None if t is None else t.to(device))
+    return cast(logits), move(labels), cast(embedding), cast(head), move(weight), move(upstream)
 
 
 def _starts(case: dict) -> list[int]:
@@ -152,8 +153,8 @@ def _run(case: dict, logits, labels, embedding, head, weight, upstream, **parall
     return {key: value.detach() for key, value in values.items()}, grads
 
 
-def _sharded(case: dict, rank: int, group):
-    logits, labels, embedding, head, weight, upstream = _inputs(case, seed=len(case["name"]))
+def _sharded(case: dict, rank: int, group, device: str = "cpu"):
+    logits, labels, embedding, head, weight, upstream = _inputs(case, seed=len(case["name"]), device=device)
     start, size = _starts(case)[rank], case["sizes"][rank]
     part = slice(start, start + size)
     if head is not None:
@@ -181,6 +182,31 @@ def _worker(rank, world, port, path):
         os._exit(1)
     sys.stdout.flush()
     os._exit(0)
+
+
+GPU_CASES = [case for case in CASES[2] if case["name"] != "parts at alpha 1 and K 1"]
+
+
+def _gpu_worker(rank, port, path):
+    """Two ranks on one CUDA device (gloo: its collectives go through the host), the reference and the
+    Triton kernels on CUDA tensors."""
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        results = {(case["name"], backend): _to_cpu(_sharded(_case(case, backend), rank, dist.group.WORLD, "cuda"))
+                   for backend in ("reference", "triton") for case in GPU_CASES}
+        torch.save(results, f"{path}.{rank}")
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _to_cpu(result):
+    values, grads = result
+    return {k: v.cpu() for k, v in values.items()}, {k: v.cpu() for k, v in grads.items()}
 
 
 def _refusals(rank: int, world: int) -> dict:
@@ -215,8 +241,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawn(world: int, path: str, seconds: float) -> None:
-    context = mp.spawn(_worker, args=(world, _free_port(), path), nprocs=world, join=False)
+def _spawn(world: int, path: str, seconds: float, worker=None) -> None:
+    args = (world, _free_port(), path) if worker is None else (_free_port(), path)
+    context = mp.spawn(worker or _worker, args=args, nprocs=world, join=False)
     deadline = time.monotonic() + seconds
     while not context.join(timeout=2):
         if time.monotonic() > deadline:
@@ -344,3 +371,29 @@ def test_the_tp_benchmark_counts_what_the_cost_model_predicts(tmp_path, capsys):
         assert row["bytes"]["all_gather"] == row["predicted_bytes"]["all_gather"] + 32 * (row["world"] - 1)
         assert row["loss"] == pytest.approx(results["rows"][0]["loss"], rel=1e-5)
     assert (tmp_path / f"tp-cpu-{os.cpu_count()}core.md").read_text() == tp.table(results)
+
+
+@pytest.mark.gpu
+def test_triton_on_cuda_with_two_ranks_on_one_device(tmp_path):
+    """The Triton kernels' passes over the shard on a GPU (two ranks share the one device of a GPU
+    session; gloo), against the single-process reference on the same CUDA tensors."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    path = str(tmp_path / "results")
+    _spawn(2, path, seconds=240, worker=_gpu_worker)
+    ranks = [torch.load(f"{path}.{rank}") for rank in range(2)]
+    for raw in GPU_CASES:
+        for backend in ("reference", "triton"):
+            case = _case(raw, backend)
+            want_values, want_grads = _to_cpu(_run(case | {"backend": "reference"},
+                                                   *_inputs(case, seed=len(case["name"]), device="cuda")))
+            starts = _starts(case)
+            for rank, results in enumerate(ranks):
+                values, grads = results[case["name"], backend]
+                what = f"cuda {backend} {case['name']}: rank {rank}"
+                for key, want in want_values.items():
+                    _assert_close(values[key], want, _tolerance(case), f"{what}'s {key}", floor=1.0)
+                part = slice(starts[rank], starts[rank] + case["sizes"][rank])
+                for name, want in want_grads.items():
+                    want = want[part] if name != "input" else (want if case.get("linear") else want[..., part])
+                    _assert_close(grads[name], want, _tolerance(case), f"{what}'s d{name}")
