@@ -42,6 +42,7 @@ between them.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.machinery
 import importlib.resources
@@ -57,7 +58,7 @@ import torch
 
 from . import build_report
 from .options import LossOptions
-from .protocol import RowsForward
+from .protocol import RowsForward, ShardRows
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _COMMON_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
@@ -285,6 +286,18 @@ def forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward
         with_cos=options.with_cos, **_option_args(options))
     saved = (stats, idx, w, c, g2) if options.with_cos else (stats,)
     return RowsForward(ce, cos, correct, lse, saved)
+
+
+def shard_rows(logits, labels, options: LossOptions, k: int) -> ShardRows:
+    """The shard's statistics and k best candidates (``protocol.ShardRows``) from one forward pass
+    of the kernel: S is the kernel's own selection (its cosine is taken against a one-column zero
+    table, which costs next to nothing and is not used)."""
+    probe = torch.zeros(logits.shape[1], 1, device=logits.device, dtype=torch.float32)
+    selecting = dataclasses.replace(options, k=k, with_cos=True, label_smoothing=0.0)
+    _, _, _, _, stats, idx, _, _, _ = extension().forward(
+        logits, labels, probe, temperature=selecting.temperature, k=k, ignore_index=selecting.ignore_index,
+        with_cos=True, **_option_args(selecting))
+    return ShardRows(stats[:, 0].clone(), stats[:, 1].clone(), idx.long(), (stats,))
 
 
 def fake_forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:

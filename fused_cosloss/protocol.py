@@ -32,8 +32,23 @@ class RowsForward(NamedTuple):
     saved: tuple
 
 
+class ShardRows(NamedTuple):
+    """What ``shard_rows`` returns for one rank's shard of a vocabulary sharded across processes
+    (``vocab_parallel.py``), in one pass over the shard's logits: per row the shift (the maximum of
+    z', or 0 where that is infinite, as ``torch.logsumexp`` shifts) and ``log sum exp(z' - shift)``
+    (float32; -inf for a row of -inf), the shard's k best
+    entries by z' (local indices ``[N, k]`` int64, in any order, the tie rule of docs/spec.md), and
+    the state ``backward_rows`` takes with the cross-entropy-only options (``with_cos=False``, the
+    same labels) to write the gradient of the log-sum-exp."""
+
+    row_max: torch.Tensor
+    log_sum: torch.Tensor
+    candidates: torch.Tensor
+    saved: tuple
+
+
 class KernelBackend(Protocol):
-    """The functions of a backend module (``forward_backward_rows`` is optional)."""
+    """The functions of a backend module (``forward_backward_rows`` and ``shard_rows`` are optional)."""
 
     def unavailable_reason(self, logits: torch.Tensor, embedding: torch.Tensor) -> Optional[str]:
         """Why it cannot run on these tensors (device, dtype, missing build), or None."""
@@ -56,6 +71,10 @@ class KernelBackend(Protocol):
         the logits gradient is written over ``logits`` and that tensor returned.
         ``embedding_grad_out``: a float32 ``[V, H]`` tensor the embedding gradient is added to
         unrounded (None is then returned for it)."""
+
+    def shard_rows(self, logits, labels, options: LossOptions, k: int) -> Optional[ShardRows]:
+        """The statistics and the k best candidates of a shard (see ``ShardRows``), or None where the
+        backend cannot give them in its pass (``vocab_parallel.py`` then selects them itself)."""
 
 
 def forward_backward_rows(ops, logits, labels, embedding, grad_ce, grad_cos, options: LossOptions, *,

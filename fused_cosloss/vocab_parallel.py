@@ -176,25 +176,35 @@ class _Collectives:
 
 @torch.no_grad()
 def global_topk(z: torch.Tensor, k: int, shard: VocabShard, comm: _Collectives):
+    """(values, global indices) ``[n, k]`` of the k best entries of each full row, best first, from
+    this rank's shard ``z`` (see ``merge_candidates``); and this rank's best (value, local index) ``[n]``."""
+    index = select_topk(z, min(k, shard.size))
+    values = z.gather(1, index)
+    return (*merge_candidates(values, index, k, shard, comm), (values[:, 0].clone(), index[:, 0].clone()))
+
+
+@torch.no_grad()
+def merge_candidates(values: torch.Tensor, index: torch.Tensor, k: int, shard: VocabShard, comm: _Collectives,
+                     missing: torch.Tensor | None = None):
     """(values, global indices) ``[n, k]`` of the k best entries of each full row, best first: each
-    rank's own k best (or all it has), gathered and ordered by value, the lower global index first
-    among equal values (padding sorts last: value -inf at index V); and this rank's best
-    (value, local index) ``[n]`` each."""
-    n = z.shape[0]
-    local_k = min(k, shard.size)
-    index = select_topk(z, local_k)
-    values = torch.full((n, k), float("-inf"), dtype=z.dtype, device=z.device)
-    where = torch.full((n, k), shard.vocab, dtype=torch.long, device=z.device)
-    values[:, :local_k] = z.gather(1, index)
+    rank's own best (``values`` at the local ``index``, ``[n, min(k, V_r)]`` in any order), gathered
+    and ordered by value, the lower global index first among equal values (padding sorts last:
+    value -inf at index V; so does a candidate ``missing`` marks)."""
+    n, local_k = index.shape
+    padded_values = torch.full((n, k), float("-inf"), dtype=values.dtype, device=values.device)
+    where = torch.full((n, k), shard.vocab, dtype=torch.long, device=values.device)
+    padded_values[:, :local_k] = values
     where[:, :local_k] = index + shard.start
+    if missing is not None:
+        padded_values[:, :local_k].masked_fill_(missing, float("-inf"))
+        where[:, :local_k].masked_fill_(missing, shard.vocab)
     width = dist.get_world_size(shard.group) * k
-    all_values = comm.gather(values).permute(1, 0, 2).reshape(n, width)
+    all_values = comm.gather(padded_values).permute(1, 0, 2).reshape(n, width)
     all_where = comm.gather(where).permute(1, 0, 2).reshape(n, width)
     by_index = torch.sort(all_where, dim=1, stable=True).indices
     all_values, all_where = all_values.gather(1, by_index), all_where.gather(1, by_index)
     by_value = torch.sort(all_values, dim=1, descending=True, stable=True).indices[:, :k]
-    local_best = (values[:, 0].clone(), index[:, 0].clone())
-    return all_values.gather(1, by_value), all_where.gather(1, by_value), local_best
+    return all_values.gather(1, by_value), all_where.gather(1, by_value)
 
 
 def vocab_parallel_rows(logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, options: LossOptions,
@@ -252,62 +262,58 @@ def _rows(logits, labels, embedding, options: LossOptions, shard: VocabShard):
 
 
 class _ShardPasses(torch.autograd.Function):
-    """The passes over a shard's ``[N, V_r]`` logits, by a kernel backend. Per row, relative to the
-    shard's maximum m_r of z' (given: the rank's best candidate, not differentiated, as the
-    reference detaches its maximum): the shard's ``log sum exp(z' - m_r)`` and, read at a few
-    entries, ``z'_y - m_r`` of the target (its owner's; 0 elsewhere) and z' of the rank's members of
-    S (0 at the others). The kernel's forward (cross-entropy only, one read) gives the first as its
-    ce_n for the label ``anchor``, the shard's argmax (``ce = log_sum - (z'_anchor - m_r)`` and
-    ``z'_anchor = m_r``), so nothing is rounded to the precision of |m_r|. The backward writes the gradient of
-    the log-sum-exps with the kernel's backward (one pass) and adds the few entries' gradients in
-    place: no other ``[N, V_r]`` tensor is made."""
+    """The passes over a shard's ``[N, V_r]`` logits by a kernel backend, with its statistics known:
+    per row the shift m_r (the shard's maximum of z', 0 where infinite) and ``log_sum = log sum
+    exp(z' - m_r)``, from the kernel's forward, whose ``saved`` state (cross-entropy only, for
+    ``kernel_labels``) the backward takes. Outputs, differentiable in the logits: ``log_sum``, and,
+    read at a few entries, ``z'_y - m_r`` of the target (its owner's; 0 elsewhere) and z' of the
+    rank's members of S (0 at the others); m_r is not differentiated, as the reference detaches its
+    maximum. The backward writes the gradient of ``log_sum`` with the kernel's backward (one pass)
+    and adds the few entries' gradients in place: no other ``[N, V_r]`` tensor is made."""
 
     @staticmethod
-    def forward(ctx, logits, target_index, anchor, embedding, peak, owner, member_index, member, ops,
-                options: LossOptions):
-        ce_only = dataclasses.replace(options, k=1, with_cos=False, label_smoothing=0.0)
-        ce, _, _, _, saved = ops.forward_rows(logits, anchor, embedding, ce_only)
-        valid = (anchor != options.ignore_index)[:, None]
-        label_index = torch.where(owner, target_index, 0)[:, None]
-        label_value = _entries(logits, label_index, owner[:, None], options)[0].squeeze(1)
-        zero = ce.new_zeros(())
-        log_sum = torch.where(torch.isneginf(peak) | ~valid.squeeze(1), zero, ce)
-        # z'_y - m_r; on a shard that is -inf everywhere, z'_y itself (-inf: ce is +inf, as the reference's)
-        relative = torch.where(torch.isneginf(peak), label_value, label_value - peak)
-        target = torch.where(owner & valid.squeeze(1), relative, zero)
-        members = _entries(logits, member_index, member & valid, options)[0]
-        ctx.save_for_backward(logits, target_index, anchor, embedding, owner & valid.squeeze(1), member_index,
-                              member & valid, peak, log_sum, *saved)
-        ctx.ops, ctx.options, ctx.ce_only = ops, options, ce_only
-        return log_sum, target, members
+    def forward(ctx, logits, target_index, kernel_labels, embedding, shift, log_sum, owner, member_index, member,
+                saved, ops, options: LossOptions):
+        label_value = _entries(logits, target_index[:, None], owner[:, None], options)[0].squeeze(1)
+        target = torch.where(owner, label_value - shift, label_value.new_zeros(()))
+        members = _entries(logits, member_index, member, options)[0]
+        ctx.save_for_backward(logits, target_index, kernel_labels, embedding, owner, member_index, member, shift,
+                              log_sum, *saved)
+        ctx.ops, ctx.options = ops, options
+        return log_sum.clone(), target, members
 
     @staticmethod
     def backward(ctx, grad_log_sum, grad_target, grad_members):
         if torch.is_grad_enabled():
             raise UnsupportedDifferentiationError(NO_HIGHER_ORDER)
-        logits, target_index, anchor, embedding, owner, member_index, member, peak, log_sum, *saved = ctx.saved_tensors
+        (logits, target_index, kernel_labels, embedding, owner, member_index, member, shift, log_sum,
+         *saved) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * 10
+            return (None,) * 12
         n = logits.shape[0]
         if grad_log_sum is not None:
             zeros = torch.zeros(n, device=logits.device, dtype=torch.float32)
             dlogits, _ = ctx.ops.backward_rows(
-                logits, anchor, embedding, tuple(saved), zeros, zeros, ctx.ce_only, need_logits_grad=True,
-                need_embedding_grad=False, grad_lse=grad_log_sum.float().contiguous())
+                logits, kernel_labels, embedding, tuple(saved), zeros, zeros, _ce_only(ctx.options),
+                need_logits_grad=True, need_embedding_grad=False, grad_lse=grad_log_sum.float().contiguous())
             # a row whose shard is -inf everywhere (the row's mass lies on other ranks): the kernel's
             # softmax of the shard is 0/0 there, the row's true gradient 0 (but for its entries, below)
-            empty = torch.isneginf(peak)
+            empty = torch.isneginf(log_sum)
             if bool(empty.any()):
                 dlogits[empty] = 0
         else:
             dlogits = torch.zeros_like(logits)
-        label_index = torch.where(owner, target_index, 0)[:, None]
-        _add_entry_gradients(dlogits, logits, peak, log_sum, grad_log_sum, ctx.options,
-                             [(label_index, owner[:, None], grad_target), (member_index, member, grad_members)])
-        return dlogits, None, None, None, None, None, None, None, None, None
+        _add_entry_gradients(dlogits, logits, shift, log_sum, grad_log_sum, ctx.options,
+                             [(target_index[:, None], owner[:, None], grad_target), (member_index, member, grad_members)])
+        return (dlogits,) + (None,) * 11
 
 
-def _add_entry_gradients(dlogits, logits, peak, log_sum, grad_log_sum, options: LossOptions, entries) -> None:
+def _ce_only(options: LossOptions) -> LossOptions:
+    """The options of a kernel pass for the log-sum-exp alone (no cosine term, no smoothing)."""
+    return dataclasses.replace(options, k=1, with_cos=False, label_smoothing=0.0)
+
+
+def _add_entry_gradients(dlogits, logits, shift, log_sum, grad_log_sum, options: LossOptions, entries) -> None:
     """Add the gradients of a few entries (``(index [N, k], mask, grad)`` each) to the kernel's
     ``dlogits``, rounding each touched element once: its value is recomputed in float32 (the
     log-sum-exp's part ``grad * exp((z' - m_r) - log_sum) * dz'/dz`` plus every entry gradient at
@@ -335,8 +341,8 @@ def _add_entry_gradients(dlogits, logits, peak, log_sum, grad_log_sum, options: 
     value = value.detach()
     total = total * slope
     if grad_log_sum is not None:
-        share = torch.where(torch.isneginf(peak[row]), peak.new_zeros(()),
-                            torch.exp((value - peak[row]) - log_sum[row]))
+        share = torch.where(torch.isneginf(log_sum[row]), log_sum.new_zeros(()),
+                            torch.exp((value - shift[row]) - log_sum[row]))
         total = total + grad_log_sum.float()[row] * share * slope
     dlogits[row, col] = total.to(dlogits.dtype)
 
@@ -363,30 +369,44 @@ def _kernel_rows(logits, labels, embedding, options: LossOptions, shard: VocabSh
     owner = shard.owns(y) & valid
     local_y = (y - shard.start).clamp(0, shard.size - 1)
 
-    with torch.no_grad():  # S is chosen on z' (an ignored row's choice is never used)
-        keys = transformed_logits(logits.float(), options) if _transforms(options) else logits
     dense = options.with_cos and options.k >= shard.vocab
-    best_values, best_index, local_best = global_topk(keys, options.k if options.with_cos and not dense else 1,
-                                                      shard, comm)
-    del keys
-    peak_here, anchor = local_best[0].float(), local_best[1]
+    k = options.k if options.with_cos and not dense else 1
+    local_k = min(k, shard.size)
+    kernel_labels = torch.where(valid, local_y, torch.full_like(local_y, options.ignore_index))
+    pieces = ops.shard_rows(logits, kernel_labels, options, local_k) if hasattr(ops, "shard_rows") else None
+    if pieces is not None:  # the statistics and the candidates from the kernel's one pass
+        shift, log_sum_here, saved = pieces.row_max, pieces.log_sum, pieces.saved
+        missing = (pieces.candidates < 0) | ~valid[:, None]  # (an ignored row's candidates are not used)
+        candidates = pieces.candidates.clamp_min(0)
+        candidate_values = _entries(logits, candidates, ~missing, options)[0]
+        best_values, best_index = merge_candidates(candidate_values, candidates, k, shard, comm, missing)
+    else:  # the candidates by torch.topk on z'; the kernel's ce for the shard's argmax is its log_sum
+        with torch.no_grad():  # (ce = log_sum - (z'_argmax - m_r), and z'_argmax = m_r)
+            keys = transformed_logits(logits.float(), options) if _transforms(options) else logits
+            best_values, best_index, (peak, anchor) = global_topk(keys, k, shard, comm)
+            del keys
+        kernel_labels = torch.where(valid, anchor, torch.full_like(anchor, options.ignore_index))
+        ce_here, _, _, _, saved = ops.forward_rows(logits, kernel_labels, embedding, _ce_only(options))
+        peak = peak.float()
+        shift = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
+        log_sum_here = torch.where(torch.isneginf(peak), peak, ce_here)
     correct = (best_index[:, 0] == y) & valid
     if options.with_cos and not dense:
-        member = shard.owns(best_index)
+        member = shard.owns(best_index) & valid[:, None]
         member_index = (best_index - shard.start).clamp(0, shard.size - 1)
     else:
         member_index = best_index[:, :0]
         member = member_index.bool()
-    # the kernel's label is the shard's argmax (see _ShardPasses); ignored rows stay ignored
-    anchor = torch.where(valid, anchor, torch.full_like(anchor, options.ignore_index))
-    log_sum_here, target_here, member_z = _ShardPasses.apply(logits, local_y, anchor, embedding, peak_here, owner,
-                                                             member_index, member, ops, options)
+    log_sum_here, target_here, member_z = _ShardPasses.apply(
+        logits, local_y, kernel_labels, embedding, shift, log_sum_here, owner, member_index, member, tuple(saved), ops,
+        options)
 
     zero = log_sum_here.new_zeros(())
-    row_max = comm.max(torch.where(valid, peak_here, peak_here.new_full((), float("-inf"))))
+    empty = torch.isneginf(log_sum_here.detach()) | ~valid
+    row_max = comm.max(torch.where(empty, shift.new_full((), float("-inf")), shift))
     m = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    offset = torch.where(torch.isneginf(peak_here), zero, peak_here - m)  # m_r - M, exact
-    log_sum = comm.sum(torch.where(torch.isneginf(peak_here) | ~valid, zero, torch.exp(offset + log_sum_here))).log()
+    offset = shift - m  # m_r - M, exact
+    log_sum = comm.sum(torch.where(empty, zero, torch.exp(offset + log_sum_here))).log()
     target = comm.sum(torch.where(owner, target_here + offset, zero))  # z'_y - M
     if options.label_smoothing:
         mean = comm.sum((transformed_logits(logits.float(), options) - m[:, None]).sum(dim=-1)) / shard.vocab

@@ -38,6 +38,8 @@ CASES = {
         dict(name="fused linear, module", sizes=[10, 10], linear=True, ignore=2, softcap=4.0, module=True),
         dict(name="parts at alpha 1 and K 1", sizes=[7, 13], alpha=1.0, topk=1, parts=True),
         dict(name="offset logits", sizes=[9, 11], offset=3e4, label_smoothing=0.2, parts=True),
+        # the Triton kernels past their sparse path give no candidates: torch.topk then selects them
+        dict(name="candidates without the kernel's", sizes=[9, 11], ties=True, topk=5, sparse_max_k=2, softcap=1.5),
     ],
     3: [
         dict(name="options, weights, shift", sizes=[10, 7, 12], shift=True, topk=6, temperature=1.3, reduction="sum",
@@ -162,7 +164,19 @@ def _sharded(case: dict, rank: int, group, device: str = "cpu"):
     else:
         logits = logits[..., part]
     explicit = {"vocab_start": start} if "order" in case else {}
-    return _run(case, logits, labels, embedding[part], head, weight, upstream, process_group=group, **explicit)
+    with _triton_knobs(case):
+        return _run(case, logits, labels, embedding[part], head, weight, upstream, process_group=group, **explicit)
+
+
+def _triton_knobs(case: dict):
+    """The case's Triton configuration (``sparse_max_k``) for the Triton backend, else nothing."""
+    import contextlib
+
+    if case["backend"] != "triton" or "sparse_max_k" not in case:
+        return contextlib.nullcontext()
+    from fused_cosloss.triton_ops.config import override
+
+    return override(sparse_max_k=case["sparse_max_k"])
 
 
 def _worker(rank, world, port, path):

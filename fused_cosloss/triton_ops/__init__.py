@@ -29,12 +29,13 @@ and the saved state's named columns (``layout.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from ..options import LossOptions
-from ..protocol import RowsForward
+from ..protocol import RowsForward, ShardRows
 from . import tiles
 from .backward import cosine_backward, launch_backward_rows
 from .config import CONFIG
@@ -118,6 +119,31 @@ def _forward(logits, labels, embedding, options: LossOptions, gradient=None) -> 
     else:
         cos = torch.zeros(n, device=device, dtype=torch.float32)
     return RowsForward(ce, cos, correct.bool(), _lse(stats), TritonSaved(stats, tie, s_idx, s_val, mu, cstats))
+
+
+def shard_rows(logits, labels, options: LossOptions, k: int) -> ShardRows | None:
+    """The shard's statistics and k best candidates (``protocol.ShardRows``) from the row kernel's
+    sparse pass alone (no cosine kernel); None when k is past the sparse path (``CONFIG.sparse_max_k``)."""
+    if k > CONFIG.sparse_max_k:
+        return None
+    n, device = logits.shape[0], logits.device
+    selecting = dataclasses.replace(options, k=k, with_cos=True, label_smoothing=0.0)
+    stats = torch.zeros(n, ROW_WIDTH.value, device=device, dtype=torch.float32)
+    tie = torch.zeros(n, device=device, dtype=torch.int32)
+    s_idx = torch.zeros(n, k, device=device, dtype=torch.int32)
+    s_val = torch.empty(n, k, device=device, dtype=logits.dtype)
+    if n > 0:
+        launch_row_stats(logits, labels, ce=torch.empty(n, device=device, dtype=torch.float32),
+                         correct=torch.empty(n, device=device, dtype=torch.int8), stats=stats, tie=tie, s_idx=s_idx,
+                         s_val=s_val, mode=SPARSE, options=selecting)
+    row_max, log_sum = host_column(stats, STAT_MAX), host_column(stats, STAT_LOG_SUM)
+    shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    log_sum = torch.where(torch.isneginf(row_max), row_max, log_sum)
+    # the saved state of a cross-entropy-only forward: the statistics (the rest is empty)
+    saved = TritonSaved(stats, tie, torch.empty(0, device=device, dtype=torch.int32),
+                        torch.empty(0, device=device, dtype=logits.dtype), torch.empty(0, 0, device=device),
+                        torch.empty(0, ROW_WIDTH.value, device=device))
+    return ShardRows(shift, log_sum, s_idx.long(), tuple(saved))
 
 
 def fake_forward_rows(logits, labels, embedding, options: LossOptions) -> RowsForward:
