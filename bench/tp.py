@@ -75,9 +75,9 @@ def predicted_bytes(args, world: int) -> dict:
     """Per rank, docs/vocab_parallel.md's count: what the reductions carry (float32 compute values) and
     what the candidates' all-gather receives from the other ranks (a float32 value and an int64 index).
     The reductions: the row maximum, the sum of exponentials, the target logit and the normaliser over S
-    (n each), mu's partial sums and e (n H each)."""
+    (n each), mu's partial sums and e (n H each), and in the backward the normaliser's gradient (s-bar, n)."""
     n, k, h = args.tokens, min(args.topk, args.vocab), args.hidden
-    return {"all_reduce": 4 * (4 * n + 2 * n * h), "all_gather": (world - 1) * n * k * 12}
+    return {"all_reduce": 4 * (5 * n + 2 * n * h), "all_gather": (world - 1) * n * k * 12}
 
 
 class ByteCount:

@@ -14,13 +14,15 @@ collectives (docs/vocab_parallel.md has the cost model):
   N floats each;
 - S: each rank's K' best candidates (value, global index) gathered from every rank and merged
   by the tie rule of docs/spec.md (the lower *global* index wins); the argmax with them;
-- mu: the per-rank partial sums of exp((z_i - m) / T) E[i] and of exp((z_i - m) / T) over the
-  rank's members of S (all-reduce sum of N * H and N); e = E[y] from the rank that owns y.
+- mu: the sum of exp((z_i - m) / T) over the ranks' members of S (all-reduce of N), then the
+  per-rank partial sums of w_i E[i] (all-reduce of N * H); e = E[y] from the rank that owns y.
 
-An all-reduce's backward is the identity: each rank's downstream computation is the same
-function of the same reduced values, so the gradient arriving there is already the global
-one (Megatron-LM's "reduce from the tensor-parallel region"). That needs every rank to run the
-backward of the same loss, and it is not a higher-order derivative: a backward with
+An all-reduce whose result every rank then uses alike has the identity as its backward: each
+rank's downstream computation is the same function of the same reduced values, so the gradient
+arriving there is already the global one (Megatron-LM's "reduce from the tensor-parallel
+region"). The softmax normaliser over S is used by each rank in its own terms, so its gradient
+is summed over the ranks (``sum_for_local_use``: s-bar, N floats). That needs every rank to run
+the backward of the same loss, and it is not a higher-order derivative: a backward with
 ``create_graph=True`` raises :class:`~fused_cosloss.UnsupportedDifferentiationError`.
 """
 from __future__ import annotations
@@ -128,6 +130,28 @@ class _SumOverShards(torch.autograd.Function):
         return grad, None, None
 
 
+class _SumOverShardsForLocalUse(torch.autograd.Function):
+    """All-reduce sum in the forward and of the gradient in the backward: for a reduced value each
+    rank then uses in its own terms (the softmax normaliser over S, which divides each rank's own
+    numerators): the loss depends on it through every rank's terms, so its gradient is the sum of
+    the ranks' parts (the s-bar of docs/spec.md, an all-reduce of N floats in the backward)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group, device):
+        ctx.group, ctx.device = group, device
+        out = tensor.to(device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out.to(tensor.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise UnsupportedDifferentiationError(NO_HIGHER_ORDER)
+        total = grad.to(ctx.device, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total.to(grad.device), None, None
+
+
 class _CopyToShards(torch.autograd.Function):
     """Identity in the forward, all-reduce sum of the gradient in the backward: an input every rank
     holds whole (the hidden states of the fused-linear mode) gets the sum of the ranks' parts."""
@@ -157,7 +181,12 @@ class _Collectives:
         self.shard, self.device = shard, collective_device(shard.group, device)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks, for a value every rank then uses alike (the backward is the identity)."""
         return _SumOverShards.apply(tensor, self.shard.group, self.device)
+
+    def sum_for_local_use(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks, for a value each rank uses in its own terms (the gradient is summed too)."""
+        return _SumOverShardsForLocalUse.apply(tensor, self.shard.group, self.device)
 
     @torch.no_grad()
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -416,18 +445,17 @@ def _kernel_rows(logits, labels, embedding, options: LossOptions, shard: VocabSh
     lse = log_sum + m
     if options.with_cos:
         table = embedding.float()
-        peak = best_values[:, 0].float()
+        # an ignored row's terms are zeros, and nothing infinite or NaN may meet them (its gradient would be NaN)
+        peak = torch.where(valid, best_values[:, 0].float(), 0.0)
         if dense:
-            z = transformed_logits(logits.float(), options)
+            z = torch.where(valid[:, None], transformed_logits(logits.float(), options), 0.0)
             numerators = torch.exp((z - peak[:, None]) / options.temperature)
             numerators = torch.where(valid[:, None], numerators, numerators.new_zeros(()))
-            partial = Float32MatMul.apply(numerators, table)
+            mu = _mean_over_s(numerators, table, None, comm, valid)
         else:
             numerators = torch.where(member & valid[:, None], torch.exp((member_z - peak[:, None]) / options.temperature),
                                      member_z.new_zeros(()))
-            partial = WeightedRowSum.apply(member_index, table, numerators)
-        denominator = comm.sum(numerators.sum(dim=-1))
-        mu = comm.sum(partial) / torch.where(valid, denominator, torch.ones_like(denominator))[:, None]
+            mu = _mean_over_s(numerators, table, member_index, comm, valid)
         e = comm.sum(torch.where(owner[:, None], table.index_select(0, local_y), table.new_zeros(())))
         cos = torch.where(valid, cosine(mu, e), mu.new_zeros(()))
     else:
@@ -440,17 +468,28 @@ def _transforms(options: LossOptions) -> bool:
 
 
 def _expected_embedding(z, table, top, best_index, dense, temperature, shard: VocabShard, comm: _Collectives):
-    """mu = (sum_{i in S} exp((z_i - top) / T) E[i]) / (sum_{i in S} exp((z_i - top) / T)), each sum over
-    the ranks' members of S."""
+    """mu = sum_{i in S} w_i E[i], w_i = exp((z_i - top) / T) / sum_{j in S} exp((z_j - top) / T), each sum
+    over the ranks' members of S."""
     if dense:
-        numerators = torch.exp((z - top[:, None]) / temperature)
-        partial = Float32MatMul.apply(numerators, table)
-    else:
-        member = shard.owns(best_index)
-        local = (best_index - shard.start).clamp(0, shard.size - 1)
-        numerators = torch.where(member, torch.exp((z.gather(1, local) - top[:, None]) / temperature), z.new_zeros(()))
-        partial = WeightedRowSum.apply(local, table, numerators)
-    return comm.sum(partial) / comm.sum(numerators.sum(dim=-1))[:, None]
+        return _mean_over_s(torch.exp((z - top[:, None]) / temperature), table, None, comm)
+    member = shard.owns(best_index)
+    local = (best_index - shard.start).clamp(0, shard.size - 1)
+    numerators = torch.where(member, torch.exp((z.gather(1, local) - top[:, None]) / temperature), z.new_zeros(()))
+    return _mean_over_s(numerators, table, local, comm)
+
+
+def _mean_over_s(numerators, table, index, comm: _Collectives, valid=None):
+    """mu from this rank's softmax numerators over its members of S (at ``index`` ``[n, k]`` of
+    ``table``, or every row of it for None): the weights w_i = numerator_i / (their sum over every
+    rank) are formed first and mu summed from them, so that the gradient's s-bar is made of the very
+    rounded s_j it is subtracted from (docs/spec.md, "Numerics"; a sum of E[i] times the numerators,
+    divided afterwards, leaves a rounding that 1 / T amplifies)."""
+    denominator = comm.sum_for_local_use(numerators.sum(dim=-1))
+    if valid is not None:
+        denominator = torch.where(valid, denominator, torch.ones_like(denominator))
+    weights = numerators / denominator[:, None]
+    partial = Float32MatMul.apply(weights, table) if index is None else WeightedRowSum.apply(index, table, weights)
+    return comm.sum(partial)
 
 
 __all__ = ["VocabShard", "check_process_group", "copy_to_shards", "resolve_shard", "vocab_parallel_rows"]

@@ -188,6 +188,8 @@ def _worker(rank, world, port, path):
         results = {(case["name"], backend): _sharded(_case(case, backend), rank, dist.group.WORLD)
                    for backend in _backends() for case in CASES[world]}
         results["errors"] = _refusals(rank, world)
+        if world == 2:
+            results["precision"] = _precision_results(rank)
         torch.save(results, f"{path}.{rank}")
         dist.barrier()
     except BaseException:
@@ -221,6 +223,37 @@ def _gpu_worker(rank, port, path):
 def _to_cpu(result):
     values, grads = result
     return {k: v.cpu() for k, v in values.items()}, {k: v.cpu() for k, v in grads.items()}
+
+
+PRECISION_CASES = [(temperature, alpha, kind, topk) for temperature in (0.01, 1.0) for alpha in (0.5, 1.0)
+                   for kind in ("peaked", "flat") for topk in (1, 17, None)]
+PRECISION_SIZES = [23, 27]  # of test_precision.VOCAB = 50
+
+
+def _precision_inputs(index: int):
+    """test_precision's float32 inputs for the case ``index`` (its own seed)."""
+    import test_precision
+
+    temperature, alpha, kind, topk = PRECISION_CASES[index]
+    gen = torch.Generator().manual_seed(1000 + index)
+    options = dict(alpha=alpha, temperature=temperature, topk=topk)
+    return test_precision._inputs(gen, test_precision.VOCAB, test_precision.LOGITS[kind], torch.float32), options
+
+
+def _precision_results(rank: int) -> dict:
+    """Each backend's sharded loss and this rank's shard gradients on test_precision's cases."""
+    import test_precision
+
+    start = sum(PRECISION_SIZES[:rank])
+    part = slice(start, start + PRECISION_SIZES[rank])
+    results = {}
+    for backend in _backends():
+        for index in range(len(PRECISION_CASES)):
+            (logits, labels, embedding), options = _precision_inputs(index)
+            results[index, backend] = test_precision._value_and_grads(
+                lambda z, y, e: mixed_loss(z, y, e, backend=backend, process_group=dist.group.WORLD, **options),
+                logits[:, part].contiguous(), labels, embedding[part].contiguous())
+    return results
 
 
 def _refusals(rank: int, world: int) -> dict:
@@ -411,3 +444,34 @@ def test_triton_on_cuda_with_two_ranks_on_one_device(tmp_path):
                 for name, want in want_grads.items():
                     want = want[part] if name != "input" else (want if case.get("linear") else want[..., part])
                     _assert_close(grads[name], want, _tolerance(case), f"{what}'s d{name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_precision_no_worse_than_naive_same_dtype(backend, tmp_path_factory):
+    """test_precision's criterion in the layout (2 ranks): on float32 inputs, the sharded loss's error
+    against the float64 single-process reference, in the loss and the gathered gradients, within
+    4 times the naive float32 formulation's plus a floor of ulps (low T, alpha 1, peaked and flat
+    rows, K = 1, 17 and the whole row)."""
+    import test_precision
+
+    if backend not in _backends():
+        pytest.skip(f"{backend} does not run here")
+    ranks = sharded_results(2, tmp_path_factory)
+    for index, (temperature, alpha, kind, topk) in enumerate(PRECISION_CASES):
+        (logits, labels, embedding), options = _precision_inputs(index)
+        truth = test_precision._value_and_grads(
+            lambda z, y, e: mixed_loss(z, y, e, backend="reference", **options),
+            logits.double(), labels, embedding.double())
+        naive = test_precision._value_and_grads(
+            lambda z, y, e: test_precision.naive_mixed_loss(z, y, e, **options), logits, labels, embedding)
+        shards = [results["precision"][index, backend] for results in ranks]
+        ours = (shards[0][0], torch.cat([shard[1] for shard in shards], dim=1),
+                torch.cat([shard[2] for shard in shards], dim=0))
+        scales = test_precision._natural_scales(labels, alpha, temperature)
+        for part, mine, theirs, exact, scale in zip(("loss", "d/dlogits", "d/dembedding"), ours, naive, truth, scales):
+            bound = test_precision._bound(test_precision._error(theirs, exact), exact, scale, torch.float32)
+            error = test_precision._error(mine, exact)
+            assert error <= bound, (f"{backend} T={temperature} alpha={alpha} {kind} K={topk} {part}: error {error:.3e} "
+                                    f"against float64 above {bound:.3e}")
+            for other in shards[1:]:
+                assert torch.equal(other[0], shards[0][0]), "every rank returns the same loss"
