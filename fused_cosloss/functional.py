@@ -97,8 +97,8 @@ def mixed_loss(
             (when that is not 1). The returned ``ce``/``cos`` parts are then for logging:
             differentiating them raises. None (the default) turns it on with a kernel backend
             when no parts are returned and a gradient is wanted; with ``inplace_grad`` the
-            logits are overwritten by the call itself. Ignored by the reference backend and
-            under ``torch.compile``.
+            logits are overwritten by the call itself. Ignored by the reference backend, under
+            ``torch.compile`` and with ``process_group``.
         process_group: a ``torch.distributed`` group across which the vocabulary is sharded
             (tensor parallel): ``logits`` ``[..., V_r]`` and ``embedding`` ``[V_r, H]`` are this
             rank's contiguous range of it, the labels (global indices) are the same on every rank,
@@ -166,8 +166,10 @@ def mixed_loss(
     return finish(*position_terms(chosen, flat_logits, flat_labels, embedding, options, inplace_grad=inplace_grad))
 
 
+@torch.compiler.disable
 def _vocab_shard(process_group, vocab_start, logits, labels, ignore_index) -> VocabShard:
-    """This rank's shard of the vocabulary, checked against the other ranks'."""
+    """This rank's shard of the vocabulary, checked against the other ranks' (eager under
+    ``torch.compile``: a graph break, as the collectives of ``vocab_parallel_rows`` are)."""
     rows = labels.numel()
     valid = int((labels != ignore_index).sum()) if rows else 0
     return resolve_shard(process_group, vocab_start, logits.shape[-1], rows, valid, logits.device)

@@ -236,6 +236,7 @@ def merge_candidates(values: torch.Tensor, index: torch.Tensor, k: int, shard: V
     return all_values.gather(1, by_value), all_where.gather(1, by_value)
 
 
+@torch.compiler.disable  # the collectives and the kernels' Functions run eagerly: a graph break under torch.compile
 def vocab_parallel_rows(logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, options: LossOptions,
                         shard: VocabShard, ops=None):
     """``(ce, cos, correct, lse)`` per position, as ``reference_rows`` gives them for the whole

@@ -190,6 +190,7 @@ def _worker(rank, world, port, path):
         results["errors"] = _refusals(rank, world)
         if world == 2:
             results["precision"] = _precision_results(rank)
+            results["compiled"] = _compiled_and_eager(rank)
         torch.save(results, f"{path}.{rank}")
         dist.barrier()
     except BaseException:
@@ -253,6 +254,25 @@ def _precision_results(rank: int) -> dict:
             results[index, backend] = test_precision._value_and_grads(
                 lambda z, y, e: mixed_loss(z, y, e, backend=backend, process_group=dist.group.WORLD, **options),
                 logits[:, part].contiguous(), labels, embedding[part].contiguous())
+    return results
+
+
+def _compiled_and_eager(rank: int):
+    """The loss and this rank's logits gradient, eager and under torch.compile (a graph break there)."""
+    case = _case(CASES[2][0], "native" if "native" in _backends() else "reference")
+    logits, labels, embedding, _, _, _ = _inputs(case, seed=1, device="cpu")
+    logits, embedding = logits.float(), embedding.float()
+    part = slice(0, 9) if rank == 0 else slice(9, 20)
+
+    def step(z, y, e):
+        return mixed_loss(z, y, e, topk=4, backend=case["backend"], process_group=dist.group.WORLD) * 2.0
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager")):
+        z = logits[:, part].clone().requires_grad_()
+        loss = fn(z, labels, embedding[part].contiguous())
+        loss.backward()
+        results.append((loss.detach(), z.grad))
     return results
 
 
@@ -475,3 +495,12 @@ def test_precision_no_worse_than_naive_same_dtype(backend, tmp_path_factory):
                                     f"against float64 above {bound:.3e}")
             for other in shards[1:]:
                 assert torch.equal(other[0], shards[0][0]), "every rank returns the same loss"
+
+
+def test_under_torch_compile_the_layout_runs_eagerly_and_agrees(tmp_path_factory):
+    """torch.compile of a step that calls the loss with process_group: the collectives break the graph
+    and run eagerly; loss and gradients equal the eager call's."""
+    for results in sharded_results(2, tmp_path_factory):
+        (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results["compiled"]
+        assert torch.allclose(compiled_loss, eager_loss, rtol=1e-6) and torch.allclose(compiled_grad, eager_grad,
+                                                                                        rtol=1e-6, atol=1e-9)
