@@ -308,11 +308,6 @@ class MixedLossForTrainer:
             check_flag(name, flag)
         if fused_linear and model is None:
             raise ValueError("MixedLossForTrainer: fused_linear=True needs the model (its LM head is the linear layer)")
-        if model is not None and int(getattr(model, "tp_size", None) or 1) > 1:
-            raise ValueError(
-                f"MixedLossForTrainer: the model is tensor parallel (loaded with a tp_plan, tp_size={model.tp_size}), "
-                "which the Trainer integration does not support yet; call fused_cosloss.mixed_loss with "
-                "process_group on the vocabulary-sharded logits and embedding (docs/vocab_parallel.md)")
         alpha_warmup = real_number("alpha_warmup", alpha_warmup, "a fraction of the training steps in [0, 1]")
         if not 0.0 <= alpha_warmup <= 1.0:
             raise ValueError(f"alpha_warmup: expected a fraction of the training steps in [0, 1], got {alpha_warmup}")

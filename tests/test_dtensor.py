@@ -8,11 +8,13 @@ the ranks, so with equal valid counts they are those of one process over the who
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import sys
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -103,6 +105,38 @@ def _tensor_parallel_results(rank):
     return loss.detach(), sharded_logits.grad.full_tensor(), sharded_embedding.grad.full_tensor()
 
 
+def _tensor_parallel_model_results(rank, model_dir):
+    """A tiny untied Llama loaded with transformers' tp_plan (its LM head and embedding sharded by
+    rows, as DTensors; its logits gathered): the loss on the same batch on both ranks, each
+    parameter's whole gradient, on the reference and the native backend."""
+    import transformers
+
+    results = {}
+    for backend in _backends():
+        with warnings.catch_warnings():  # transformers 5.x: tp_plan= is to become distributed_config=
+            warnings.simplefilter("ignore", FutureWarning)
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto")
+        tokens = _tokens()
+        embedding = model.get_input_embeddings().weight
+        loss = mixed_loss(model(tokens).logits, tokens, embedding, backend=backend, **LOSS)
+        loss.backward()
+        grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                 for name, p in model.named_parameters() if p.grad is not None}
+        layout = (type(embedding).__name__, str(getattr(embedding, "placements", None)))
+        results[backend] = (loss.detach(), grads, layout, getattr(model, "tp_size", None))
+    return results
+
+
+def _tiny_llama(path):
+    import transformers
+
+    torch.manual_seed(5)
+    config = transformers.LlamaConfig(vocab_size=VOCAB + 1, hidden_size=HIDDEN * 2, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
 def _refusal(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
@@ -116,11 +150,14 @@ def _refusal(rank):
     return None
 
 
-def _worker(rank, port, path):
+def _worker(rank, port, path, model_dir):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
         results = {"fsdp": _fsdp_results(rank), "tp": _tensor_parallel_results(rank), "refusal": _refusal(rank)}
+        if model_dir is not None:  # transformers reads the layout from torchrun's variables
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+            results["tp_model"] = _tensor_parallel_model_results(rank, model_dir)
         torch.save(results, f"{path}.{rank}")
         dist.barrier()
     except BaseException:
@@ -139,8 +176,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("dtensor") / "results")
-    context = mp.spawn(_worker, args=(_free_port(), path), nprocs=WORLD, join=False)
+    folder = tmp_path_factory.mktemp("dtensor")
+    path = str(folder / "results")
+    model_dir = None
+    if importlib.util.find_spec("transformers") is not None:
+        model_dir = str(folder / "tiny_llama")
+        _tiny_llama(model_dir)
+    context = mp.spawn(_worker, args=(_free_port(), path, model_dir), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 300
     while not context.join(timeout=2):
         if time.monotonic() > deadline:
@@ -192,3 +234,24 @@ def test_an_unsupported_layout_names_the_argument_and_the_fix(results):
     for result in results:
         assert result["refusal"] is not None and result["refusal"].startswith("logits: a DTensor is accepted")
         assert "full_tensor()" in result["refusal"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_a_tensor_parallel_transformers_model_gets_the_gradients_of_one_process(results, backend, tmp_path):
+    """transformers' tp_plan shards a Llama's LM head and embedding by rows (DTensors) and gathers its
+    logits: the loss with the sharded embedding (gathered for the call) gives every parameter the
+    gradient one process computes on the same batch."""
+    transformers = pytest.importorskip("transformers")
+    if backend not in _backends():
+        pytest.skip(f"{backend} is not available here")
+    _tiny_llama(tmp_path / "model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tokens = _tokens()
+    whole = mixed_loss(model(tokens).logits, tokens, model.get_input_embeddings().weight, backend=backend, **LOSS)
+    whole.backward()
+    for rank, result in enumerate(results):
+        loss, grads, layout, tp_size = result["tp_model"][backend]
+        assert layout == ("DTensor", "(Shard(dim=0),)") and tp_size == WORLD  # the layout the test means
+        _close(loss, whole.detach(), f"rank {rank}'s loss")
+        for name, param in model.named_parameters():
+            _close(grads[name], param.grad, f"rank {rank}'s gradient of {name} under tp_plan vs one process")

@@ -198,13 +198,3 @@ def test_fsdp_that_accelerate_did_not_enable_is_refused():
     """On CPU accelerate runs --fsdp as plain data parallel without a word: the script refuses instead."""
     with pytest.raises(ValueError, match=r"--fsdp: accelerate did not enable FSDP.*on cpu"):
         train_env.parallel_layout(_trainer(world=2, fsdp=["full_shard"], fsdp_enabled=False))
-
-
-def test_a_tensor_parallel_model_is_refused_by_the_trainer_loss():
-    torch = pytest.importorskip("torch")
-    from fused_cosloss.hf import MixedLossForTrainer
-
-    model = torch.nn.Linear(2, 2)
-    model.tp_size = 2
-    with pytest.raises(ValueError, match="tensor parallel .* process_group"):
-        MixedLossForTrainer(model, embedding=torch.zeros(3, 2))
