@@ -132,15 +132,17 @@ def check_passthrough(args: list[str]) -> None:
 
 
 def grid_runs(spec: dict) -> list[GridRun]:
-    """Every run of the grid, in the order ``run --next`` takes them: variant, seed, learning rate, alpha.
+    """Every run of the grid, in the order ``run --next`` takes them: seed, variant, learning rate, alpha.
 
-    Seed-major, so that a grid stopped part-way has already covered every setting once.
+    Seed-major across the variants too, so that a grid stopped part-way has already covered every
+    setting, the variants' (the remedies') included, once.
     """
     runs = []
     for name, variant in spec["variants"].items():
         lists = [variant.get(key, spec[key]) for key in ("seeds", "learning_rates", "alphas")]
         runs += [GridRun(name, float(alpha), float(lr), int(seed)) for seed, lr, alpha in itertools.product(*lists)]
-    return runs
+    seeds = list(dict.fromkeys(run.seed for run in runs))  # in the order the grid names them
+    return sorted(runs, key=lambda run: seeds.index(run.seed))
 
 
 def run_argv(spec: dict, run: GridRun, run_dir: str, extra: list[str]) -> list[str]:

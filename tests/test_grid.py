@@ -97,6 +97,16 @@ def _value(metrics, key):
     return metrics[section][name]
 
 
+def test_variants_take_their_turn_in_each_seed():
+    """The remedies at one setting (variants with their own alphas and learning rates) are interleaved by
+    seed with the grid: a grid stopped part-way has the remedies' first seed too."""
+    spec = dict(grid.load_spec("tiny"), variants={"": [], "detach": {"args": ["--detach_cos_embedding", "true"],
+                                                                     "alphas": [0.5], "learning_rates": [5e-4]}})
+    runs = grid.grid_runs(grid.check_spec(spec, "remedies"))
+    assert len(runs) == 27 and [run.seed for run in runs] == [0] * 9 + [1] * 9 + [2] * 9
+    assert [run.name for run in runs[7:10]] == ["a0.5_lr0.0005_s0", "detach_a0.5_lr0.0005_s0", "a0_lr5e-05_s1"]
+
+
 def test_grid_order_is_seed_major():
     """A grid stopped part-way has covered every setting once before any setting gets its second seed."""
     runs = grid.grid_runs(grid.load_spec("tiny"))
@@ -186,9 +196,10 @@ def test_grid_spec_file(tmp_path):
     spec = grid.load_spec(str(path))
     names = [run.name for run in grid.grid_runs(spec)]
     assert spec["name"] == "remedies" and len(names) == 6 + 3 + 1
-    assert names[6:] == ["detach_a0.5_lr0.0005_s0", "detach_a0.5_lr0.0005_s1", "detach_a0.5_lr0.0005_s2",
-                         "warmup_a0.5_lr0.0005_s0"]
-    run = grid.grid_runs(spec)[6]
+    assert names == ["a0_lr0.0005_s0", "a0.5_lr0.0005_s0", "detach_a0.5_lr0.0005_s0", "warmup_a0.5_lr0.0005_s0",
+                     "a0_lr0.0005_s1", "a0.5_lr0.0005_s1", "detach_a0.5_lr0.0005_s1",
+                     "a0_lr0.0005_s2", "a0.5_lr0.0005_s2", "detach_a0.5_lr0.0005_s2"]
+    run = grid.grid_runs(spec)[2]
     argv = grid.run_argv(spec, run, "out", [])
     assert argv[argv.index("--alpha") + 1] == "0.5" and argv[argv.index("--seed") + 1] == "0"
     assert argv[argv.index("--detach_cos_embedding") + 1] == "true"
