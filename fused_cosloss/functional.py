@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import backends
+from . import backends, compiler_marks
 from .autograd import GradIntoLogitsFunction, kernel_loss, kernel_rows
 from .backends import Backend
 from .compile_ops import compiled_kernel_rows
@@ -166,7 +166,7 @@ def mixed_loss(
     return finish(*position_terms(chosen, flat_logits, flat_labels, embedding, options, inplace_grad=inplace_grad))
 
 
-@torch.compiler.disable
+@compiler_marks.disable
 def _vocab_shard(process_group, vocab_start, logits, labels, ignore_index) -> VocabShard:
     """This rank's shard of the vocabulary, checked against the other ranks' (eager under
     ``torch.compile``: a graph break, as the collectives of ``vocab_parallel_rows`` are)."""

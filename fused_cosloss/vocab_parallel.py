@@ -32,8 +32,9 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from .errors import UnsupportedDifferentiationError
+from . import compiler_marks
 from .autograd import kernel_layouts
+from .errors import UnsupportedDifferentiationError
 from .options import LossOptions
 from .reference import (Float32MatMul, WeightedRowSum, autocast_off, compute_dtype, cosine, select_topk,
                         transformed_logits)
@@ -236,7 +237,7 @@ def merge_candidates(values: torch.Tensor, index: torch.Tensor, k: int, shard: V
     return all_values.gather(1, by_value), all_where.gather(1, by_value)
 
 
-@torch.compiler.disable  # the collectives and the kernels' Functions run eagerly: a graph break under torch.compile
+@compiler_marks.disable  # the collectives and the kernels' Functions run eagerly: a graph break under torch.compile
 def vocab_parallel_rows(logits: torch.Tensor, labels: torch.Tensor, embedding: torch.Tensor, options: LossOptions,
                         shard: VocabShard, ops=None):
     """``(ce, cos, correct, lse)`` per position, as ``reference_rows`` gives them for the whole
