@@ -115,14 +115,19 @@ def resolve_shard(group, vocab_start: int | None, local_vocab: int, rows: int, v
     return VocabShard(group=group, start=starts[rank], size=sizes[rank], vocab=position)
 
 
+def _all_reduced(tensor: torch.Tensor, group, device: torch.device, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A new tensor: ``tensor`` reduced over the group's ranks on the collectives' ``device``, back on its own."""
+    out = tensor.to(device, copy=True)
+    dist.all_reduce(out, op=op, group=group)
+    return out.to(tensor.device)
+
+
 class _SumOverShards(torch.autograd.Function):
     """All-reduce sum in the forward, identity in the backward (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, tensor, group, device):
-        out = tensor.to(device, copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out.to(tensor.device)
+        return _all_reduced(tensor, group, device)
 
     @staticmethod
     def backward(ctx, grad):
@@ -140,17 +145,13 @@ class _SumOverShardsForLocalUse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, group, device):
         ctx.group, ctx.device = group, device
-        out = tensor.to(device, copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out.to(tensor.device)
+        return _all_reduced(tensor, group, device)
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise UnsupportedDifferentiationError(NO_HIGHER_ORDER)
-        total = grad.to(ctx.device, copy=True)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        return total.to(grad.device), None, None
+        return _all_reduced(grad, ctx.group, ctx.device), None, None
 
 
 class _CopyToShards(torch.autograd.Function):
@@ -166,9 +167,7 @@ class _CopyToShards(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise UnsupportedDifferentiationError(NO_HIGHER_ORDER)
-        total = grad.to(ctx.device, copy=True)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        return total.to(grad.device), None, None
+        return _all_reduced(grad, ctx.group, ctx.device), None, None
 
 
 def copy_to_shards(tensor: torch.Tensor, shard_group) -> torch.Tensor:
@@ -191,9 +190,7 @@ class _Collectives:
 
     @torch.no_grad()
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.to(self.device, copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.shard.group)
-        return out.to(tensor.device)
+        return _all_reduced(tensor, self.shard.group, self.device, dist.ReduceOp.MAX)
 
     @torch.no_grad()
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -365,11 +362,7 @@ def _add_entry_gradients(dlogits, logits, shift, log_sum, grad_log_sum, options:
     total = torch.zeros(keys.shape[0], device=logits.device, dtype=torch.float32).index_add_(0, inverse,
                                                                                               torch.cat(grads))
     row, col = keys // vocab, keys % vocab
-    with torch.enable_grad():
-        leaf = logits[row, col].float().requires_grad_()
-        value = transformed_logits(leaf, options)
-        (slope,) = torch.autograd.grad(value.sum(), leaf) if value.requires_grad else (torch.ones_like(leaf),)
-    value = value.detach()
+    value, slope = _transformed_with_slope(logits[row, col].float(), options)
     total = total * slope
     if grad_log_sum is not None:
         share = torch.where(torch.isneginf(log_sum[row]), log_sum.new_zeros(()),
@@ -380,13 +373,18 @@ def _add_entry_gradients(dlogits, logits, shift, log_sum, grad_log_sum, options:
 
 def _entries(logits, index, mask, options: LossOptions):
     """(z', dz'/dz) of ``logits`` at ``index`` ``[N, k]`` in float32, 0 and 0 where ``mask`` is False."""
-    z = logits.gather(1, index).float()
+    value, slope = _transformed_with_slope(logits.gather(1, index).float(), options)
+    zero = value.new_zeros(())
+    return torch.where(mask, value, zero), torch.where(mask, slope, zero)
+
+
+def _transformed_with_slope(z: torch.Tensor, options: LossOptions):
+    """(z', dz'/dz) of float32 values ``z``, the slope by autograd of the reference's own transform."""
     with torch.enable_grad():
         leaf = z.detach().requires_grad_()
         value = transformed_logits(leaf, options)
         (slope,) = torch.autograd.grad(value.sum(), leaf) if value.requires_grad else (torch.ones_like(z),)
-    zero = z.new_zeros(())
-    return torch.where(mask, value.detach(), zero), torch.where(mask, slope, zero)
+    return value.detach(), slope
 
 
 def _kernel_rows(logits, labels, embedding, options: LossOptions, shard: VocabShard, ops):

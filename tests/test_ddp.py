@@ -7,19 +7,14 @@ valid positions, the gradient of one process over the whole batch.
 """
 from __future__ import annotations
 
-import os
-import socket
-import sys
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fused_cosloss import mixed_loss
 from fused_cosloss.backends import why_unavailable
 
+from gloo_ranks import run_ranks
 from helpers import assert_close_rel
 
 VOCAB, HIDDEN, WORLD = 32, 8, 2
@@ -71,50 +66,16 @@ def _grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank, port, backends, path):
-    """Both ranks compute, rank 0 saves; then the process ends with os._exit, skipping the
-    teardown of DDP and gloo: torch 2.13 can deadlock there (the last reference to the gloo
-    process group, dropped with the GIL held, joins a gloo thread that waits for the GIL to
-    release a finished collective)."""
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        results = {}
-        for backend in backends:
-            for scenario, (tokens, labels) in _batches().items():
-                model = torch.nn.parallel.DistributedDataParallel(_model())
-                loss = _loss(model, _shard(tokens, rank), _shard(labels, rank), backend)
-                loss.backward()
-                results[backend, scenario] = (loss.detach(), _grads(model.module))
-        if rank == 0:
-            torch.save(results, path)
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn_with_deadline(worker, args, seconds):
-    """mp.spawn of WORLD processes, failing (and killing them) after ``seconds`` instead of hanging."""
-    import time
-
-    context = mp.spawn(worker, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + seconds
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the DDP workers did not finish within {seconds} s")
+def _ddp_results(rank, world, backends):
+    """This rank's loss and gradients of one DDP step per backend and scenario (run by gloo_ranks)."""
+    results = {}
+    for backend in backends:
+        for scenario, (tokens, labels) in _batches().items():
+            model = torch.nn.parallel.DistributedDataParallel(_model())
+            loss = _loss(model, _shard(tokens, rank), _shard(labels, rank), backend)
+            loss.backward()
+            results[backend, scenario] = (loss.detach(), _grads(model.module))
+    return results
 
 
 def _single_process(tokens, labels, backend):
@@ -128,9 +89,7 @@ def _single_process(tokens, labels, backend):
 def test_ddp_gradients_equal_single_process(tmp_path):
     probe = torch.empty(1, 1)
     backends = [name for name in ("reference", "native") if why_unavailable(name, probe, probe) is None]
-    path = str(tmp_path / "ddp.pt")
-    _spawn_with_deadline(_worker, (_free_port(), backends, path), seconds=300)
-    results = torch.load(path)
+    results = run_ranks(_ddp_results, WORLD, str(tmp_path / "ddp"), seconds=300, args=(backends,), what="DDP")[0]
 
     for backend in backends:
         for scenario, (tokens, labels) in _batches().items():

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
-import sys
-import time
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fused_cosloss import linear_mixed_loss, mixed_loss
 from fused_cosloss.backends import why_unavailable
+
+from gloo_ranks import run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo")
@@ -150,28 +147,13 @@ def _refusal(rank):
     return None
 
 
-def _worker(rank, port, path, model_dir):
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        results = {"fsdp": _fsdp_results(rank), "tp": _tensor_parallel_results(rank), "refusal": _refusal(rank)}
-        if model_dir is not None:  # transformers reads the layout from torchrun's variables
-            os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-            results["tp_model"] = _tensor_parallel_model_results(rank, model_dir)
-        torch.save(results, f"{path}.{rank}")
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _rank_results(rank, world, model_dir):
+    """This rank's results of every check (run by gloo_ranks)."""
+    results = {"fsdp": _fsdp_results(rank), "tp": _tensor_parallel_results(rank), "refusal": _refusal(rank)}
+    if model_dir is not None:  # transformers reads the layout from torchrun's variables
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        results["tp_model"] = _tensor_parallel_model_results(rank, model_dir)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -182,15 +164,7 @@ def results(tmp_path_factory):
     if importlib.util.find_spec("transformers") is not None:
         model_dir = str(folder / "tiny_llama")
         _tiny_llama(model_dir)
-    context = mp.spawn(_worker, args=(_free_port(), path, model_dir), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail("the DTensor workers did not finish within 300 s")
-    return [torch.load(f"{path}.{rank}") for rank in range(WORLD)]
+    return run_ranks(_rank_results, WORLD, path, seconds=300, args=(model_dir,), what="DTensor")
 
 
 def _close(got, want, what, rel=1e-5):

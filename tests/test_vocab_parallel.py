@@ -13,17 +13,15 @@ fused-linear mode (a row-sharded LM head; the hidden states' gradient summed ove
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fused_cosloss import LinearMixedLoss, MixedLoss, UnsupportedDifferentiationError, linear_mixed_loss, mixed_loss
+
+from gloo_ranks import free_port, run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo")
@@ -179,46 +177,26 @@ def _triton_knobs(case: dict):
     return override(sparse_max_k=case["sparse_max_k"])
 
 
-def _worker(rank, world, port, path):
-    """Every rank runs every case of its world size and saves its results; os._exit skips gloo's
-    teardown (see test_ddp.py)."""
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        results = {(case["name"], backend): _sharded(_case(case, backend), rank, dist.group.WORLD)
-                   for backend in _backends() for case in CASES[world]}
-        results["errors"] = _refusals(rank, world)
-        if world == 2:
-            results["precision"] = _precision_results(rank)
-            results["compiled"] = _compiled_and_eager(rank)
-        torch.save(results, f"{path}.{rank}")
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
+def _rank_results(rank, world):
+    """This rank's results of every case of its world size, and of the checks P = 2 also runs
+    (run by gloo_ranks)."""
+    results = {(case["name"], backend): _sharded(_case(case, backend), rank, dist.group.WORLD)
+               for backend in _backends() for case in CASES[world]}
+    results["errors"] = _refusals(rank, world)
+    if world == 2:
+        results["precision"] = _precision_results(rank)
+        results["compiled"] = _compiled_and_eager(rank)
+    return results
 
 
 GPU_CASES = [case for case in CASES[2] if case["name"] != "parts at alpha 1 and K 1"]
 
 
-def _gpu_worker(rank, port, path):
+def _gpu_rank_results(rank, world):
     """Two ranks on one CUDA device (gloo: its collectives go through the host), the reference and the
     Triton kernels on CUDA tensors."""
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-        results = {(case["name"], backend): _to_cpu(_sharded(_case(case, backend), rank, dist.group.WORLD, "cuda"))
-                   for backend in ("reference", "triton") for case in GPU_CASES}
-        torch.save(results, f"{path}.{rank}")
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
+    return {(case["name"], backend): _to_cpu(_sharded(_case(case, backend), rank, dist.group.WORLD, "cuda"))
+            for backend in ("reference", "triton") for case in GPU_CASES}
 
 
 def _to_cpu(result):
@@ -302,24 +280,6 @@ def _refusals(rank: int, world: int) -> dict:
     return errors
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn(world: int, path: str, seconds: float, worker=None) -> None:
-    args = (world, _free_port(), path) if worker is None else (_free_port(), path)
-    context = mp.spawn(worker or _worker, args=args, nprocs=world, join=False)
-    deadline = time.monotonic() + seconds
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {world} vocabulary-parallel workers did not finish within {seconds} s")
-
-
 def _tolerance(case: dict) -> float:
     return 1e-11 if case.get("dtype", "float64") == "float64" else 1e-5
 
@@ -350,8 +310,7 @@ def sharded_results(world: int, tmp_path_factory) -> list[dict]:
     """Every rank's results of the world's cases (one spawn of ``world`` processes per session)."""
     if world not in _RESULTS:
         path = str(tmp_path_factory.mktemp(f"vocab_parallel_{world}") / "results")
-        _spawn(world, path, seconds=240)
-        _RESULTS[world] = [torch.load(f"{path}.{rank}") for rank in range(world)]
+        _RESULTS[world] = run_ranks(_rank_results, world, path, seconds=240, what="vocabulary-parallel")
     return _RESULTS[world]
 
 
@@ -411,7 +370,7 @@ def test_the_documented_torchrun_example_runs_and_agrees():
 
     root = Path(__file__).resolve().parent.parent
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "docs/examples/vocab_parallel_torchrun.py"]
+               str(free_port()), "docs/examples/vocab_parallel_torchrun.py"]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     sharded, whole = map(float, re.search(r"loss ([\d.]+), whole vocabulary in one process ([\d.]+)",
@@ -446,9 +405,7 @@ def test_triton_on_cuda_with_two_ranks_on_one_device(tmp_path):
     session; gloo), against the single-process reference on the same CUDA tensors."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    path = str(tmp_path / "results")
-    _spawn(2, path, seconds=240, worker=_gpu_worker)
-    ranks = [torch.load(f"{path}.{rank}") for rank in range(2)]
+    ranks = run_ranks(_gpu_rank_results, 2, str(tmp_path / "results"), seconds=240, what="CUDA vocabulary-parallel")
     for raw in GPU_CASES:
         for backend in ("reference", "triton"):
             case = _case(raw, backend)
