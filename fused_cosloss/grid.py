@@ -363,6 +363,60 @@ def aggregate(records: list[dict]) -> list[dict]:
     return out
 
 
+# two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+# (key, how a run differs from its baseline: "relative" in %, or "absolute"; the page's column and format)
+PAIRED = [("val_ppl", "relative", "val ppl", ".2f"), ("test_ppl", "relative", "test ppl", ".2f"),
+          ("val_acc", "absolute", "val acc", ".4f"), ("test_acc", "absolute", "test acc", ".4f"),
+          ("val_cos", "absolute", "val cos", ".4f")]
+
+
+def paired_spread(differences: list[float]) -> dict:
+    """:func:`spread` of per-seed differences, with the 95 % half-width of a paired t interval and whether
+    it excludes 0 (``significant``; never with fewer than two seeds)."""
+    stats = spread(differences)
+    n = stats["n"]
+    if n < 2:
+        return dict(stats, half_width=math.nan, significant=False)
+    half = T_975[min(n - 1, len(T_975)) - 1] * stats["std"] / math.sqrt(n) if n - 1 <= len(T_975) \
+        else 1.96 * stats["std"] / math.sqrt(n)
+    return dict(stats, half_width=half, significant=abs(stats["mean"]) > half)
+
+
+def perplexity_reading(deltas: dict) -> str:
+    """One word for a setting against its baseline, from the two perplexities' paired intervals."""
+    perplexities = [deltas[key] for key in ("val_ppl", "test_ppl")]
+    if max(d["n"] for d in perplexities) < 2:
+        return "one seed"
+    signs = {math.copysign(1.0, d["mean"]) for d in perplexities if d["significant"]}
+    return {frozenset(): "no clear effect", frozenset({1.0}): "worse", frozenset({-1.0}): "better"}.get(
+        frozenset(signs), "mixed")
+
+
+def paired_differences(records: list[dict]) -> list[dict]:
+    """One row per setting other than a baseline: each seed's difference from the baseline run (no variant,
+    alpha 0) of the same learning rate and seed, over the seeds both have, and :func:`perplexity_reading`."""
+    baselines = {(r["learning_rate"], r["seed"]): r for r in records if not r["variant"] and r["alpha"] == 0}
+    pairs = {}
+    for record in records:
+        base = baselines.get((record["learning_rate"], record["seed"]))
+        if base is not None and base is not record:
+            pairs.setdefault((record["variant"], record["alpha"], record["learning_rate"]), []).append((record, base))
+    out = []
+    for (variant, alpha, lr), group in pairs.items():
+        deltas = {}
+        for key, kind, _, _ in PAIRED:
+            deltas[key] = paired_spread([
+                100.0 * (run["values"][key] / base["values"][key] - 1.0) if kind == "relative"
+                else run["values"][key] - base["values"][key] for run, base in group])
+        out.append({"variant": variant, "alpha": alpha, "learning_rate": lr,
+                    "seeds": [run["seed"] for run, _ in group], "deltas": deltas,
+                    "reading": perplexity_reading(deltas)})
+    return out
+
+
 def mean_grad_norms(records: list[dict]) -> list[dict]:
     """``{step, ce, cos}``: the mean over the runs of grad_norm_ce / grad_norm_cos at each step they all logged."""
     series = [{p["step"]: p for p in record["grad_norms"]} for record in records]
@@ -380,7 +434,8 @@ def collect(directory: str, spec: dict, extra: list[str]) -> dict:
     records = [run_record(run, metrics) for run, metrics in finished]
     first = finished[0][1]
     return {"grid": spec, "extra_args": extra, "runs_total": len(grid_runs(spec)), "model": short_model(first),
-            "data": first["run"]["data"], "runs": records, "rows": aggregate(records)}
+            "data": first["run"]["data"], "runs": records, "rows": aggregate(records),
+            "paired": paired_differences(records)}
 
 
 def short_model(metrics: dict) -> str:
@@ -416,6 +471,38 @@ def quality_table(results: dict) -> str:
     head = ["variant", "alpha", "lr", "seeds", "steps", *(label for label, _, _ in QUALITY)]
     return _table(head, [_setting(row) + [_cell(row["values"][key], fmt) for _, key, fmt in QUALITY]
                          for row in results["rows"]])
+
+
+def _delta_cell(stats: dict, kind: str, fmt: str) -> str:
+    if not stats["n"]:
+        return "-"
+    text = f"{stats['mean']:+{fmt}}" + (" %" if kind == "relative" else "")
+    if math.isfinite(stats["half_width"]):
+        text += f" ± {stats['half_width']:{fmt}}" + (" *" if stats["significant"] else "")
+    return text
+
+
+def paired_table(results: dict) -> str:
+    head = ["variant", "alpha", "lr", "seeds", *(label for _, _, label, _ in PAIRED), "perplexity"]
+    lines = [[row["variant"] or "-", f"{row['alpha']:g}", f"{row['learning_rate']:g}", str(len(row["seeds"])),
+              *(_delta_cell(row["deltas"][key], kind, fmt) for key, kind, _, fmt in PAIRED), row["reading"]]
+             for row in results.get("paired", [])]
+    return _table(head, lines)
+
+
+def paired_section(results: dict) -> list[str]:
+    """The page's lines comparing each setting with the same seed's baseline (none without such pairs)."""
+    if not results.get("paired"):
+        return []
+    return ["## Against the baseline of the same seed", "",
+            "The seed (the order of the training data; a new model's initialisation) can move the result as "
+            "much as a small alpha does; comparing each run with the baseline of its own seed (alpha 0, same "
+            "learning rate) takes that out. Each cell: "
+            "the mean over the seeds of the run's difference from its baseline (perplexity in % of the "
+            "baseline's, accuracy and cos in absolute terms) ± the half-width of the paired 95 % t interval; "
+            "`*`: the interval excludes 0. The last column reads the two perplexities: worse or better where "
+            "an interval excludes 0 (and none points the other way), no clear effect where neither does.",
+            "", paired_table(results), ""]
 
 
 def geometry_table(results: dict) -> str:
@@ -470,6 +557,7 @@ def page_text(results: dict, plot_name: str | None) -> str:
         "",
         quality_table(results),
         "",
+        *paired_section(results),
         "## The embedding (the cosine term's table)",
         "",
         f"Over a fixed sample (at most {results['runs'][0].get('sample_size', 2048)} rows, the same before and "
@@ -532,6 +620,32 @@ def _value_panel(ax, results: dict, title: str, series: list, log: bool) -> None
     ax.grid(alpha=0.3, which="both")
 
 
+def _paired_panel(ax, results: dict) -> None:
+    """The perplexities' paired difference from the same seed's baseline against alpha (the baseline: 0 at
+    alpha 0), error bars the 95 % interval's half-width."""
+    lines = {}
+    for row in results.get("paired", []):
+        lines.setdefault((row["variant"], row["learning_rate"]), []).append(row)
+    keys = [key for key, _ in _lines(results)]  # the colours of the other panels
+    for (variant, lr), rows in sorted(lines.items()):
+        index = keys.index((variant, lr))
+        rows = sorted(rows, key=lambda r: r["alpha"])
+        for key, style in (("val_ppl", "-"), ("test_ppl", "--")):
+            stats = [r["deltas"][key] for r in rows]
+            alphas = [r["alpha"] for r in rows]
+            means = [s["mean"] for s in stats]
+            errors = [s["half_width"] if math.isfinite(s["half_width"]) else 0.0 for s in stats]
+            if not variant:  # the baseline itself differs by 0
+                alphas, means, errors = [0.0, *alphas], [0.0, *means], [0.0, *errors]
+            ax.errorbar(alphas, means, yerr=errors, linestyle=style, capsize=3, color=f"C{index}",
+                        marker="os^Dv"[index % 5])
+    ax.axhline(0.0, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("% of the baseline's perplexity")
+    ax.set_title("perplexity vs the same seed's baseline (val -, test --; 95 % interval)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+
+
 def _grad_norm_panel(ax, results: dict) -> None:
     """grad_norm_cos / grad_norm_ce over the training steps, mean over seeds, one line per setting with alpha > 0."""
     for index, row in enumerate(r for r in results["rows"] if r["alpha"] > 0):
@@ -559,12 +673,15 @@ def plot(results: dict, path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-    for ax, (title, series, log) in zip(axes.flat, PLOT_PANELS):
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+    _paired_panel(axes.flat[0], results)
+    for ax, (title, series, log) in zip(axes.flat[1:], PLOT_PANELS):
         _value_panel(ax, results, title, series, log)
-    _grad_norm_panel(axes.flat[5], results)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"grid {results['grid']['name']}: mean ± std over seeds")
+    _grad_norm_panel(axes.flat[6], results)
+    axes.flat[7].axis("off")
+    axes.flat[1].legend(fontsize=8)
+    fig.suptitle(f"grid {results['grid']['name']}: mean over seeds, error bars their standard deviation "
+                 "(first panel: the paired 95 % interval)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -166,6 +166,57 @@ def test_grid_two_runs_status_assemble_and_redo(tmp_path, capsys):
     assert _read(first)["eval"]["eval_perplexity"] == m0["eval"]["eval_perplexity"]  # same seed, same run
 
 
+def _record(variant, alpha, lr, seed, **values):
+    return {"variant": variant, "alpha": alpha, "learning_rate": lr, "seed": seed,
+            "values": dict({key: 1.0 for key, *_ in grid.PAIRED}, **values)}
+
+
+def test_paired_differences_against_the_same_seeds_baseline():
+    """Each run is compared with the baseline of its own seed and learning rate; perplexity in % of it."""
+    base_ppl, run_ppl = [10.0, 12.0, 11.0], [10.1, 12.12, 11.11]  # +1 % on every seed
+    acc_delta = [0.01, -0.02, 0.005]  # spread around 0: no clear effect
+    records = [_record("", 0.0, 1e-4, s, val_ppl=b, test_ppl=b, val_acc=0.5) for s, b in enumerate(base_ppl)]
+    records += [_record("", 0.5, 1e-4, s, val_ppl=r, test_ppl=b, val_acc=0.5 + d)
+                for s, (r, b, d) in enumerate(zip(run_ppl, base_ppl, acc_delta))]
+    records += [_record("", 0.5, 1e-3, 0), _record("detach", 0.5, 1e-4, 0, val_ppl=9.0, test_ppl=11.0)]
+    rows = {(r["variant"], r["alpha"], r["learning_rate"]): r for r in grid.paired_differences(records)}
+    assert set(rows) == {("", 0.5, 1e-4), ("detach", 0.5, 1e-4)}  # no baseline at 1e-3: no pair
+
+    mixed = rows[("", 0.5, 1e-4)]
+    assert mixed["seeds"] == [0, 1, 2]
+    ppl = mixed["deltas"]["val_ppl"]
+    assert ppl["mean"] == pytest.approx(1.0) and ppl["significant"]
+    acc = mixed["deltas"]["val_acc"]
+    assert acc["mean"] == pytest.approx(statistics.fmean(acc_delta))
+    assert acc["half_width"] == pytest.approx(4.303 * statistics.stdev(acc_delta) / math.sqrt(3))
+    assert not acc["significant"]
+    assert mixed["deltas"]["test_ppl"]["mean"] == pytest.approx(0.0) and mixed["reading"] == "worse"
+
+    detach = rows[("detach", 0.5, 1e-4)]
+    assert detach["deltas"]["val_ppl"]["mean"] == pytest.approx(-10.0) and detach["reading"] == "one seed"
+    assert not detach["deltas"]["val_ppl"]["significant"]
+
+
+@pytest.mark.parametrize("deltas,reading", [([[-1.0, -1.1, -0.9], [-2.0, -2.1, -1.9]], "better"),
+                                            ([[1.0, 1.1, 0.9], [-2.0, -2.1, -1.9]], "mixed"),
+                                            ([[1.0, -1.1, 0.2], [0.1, -0.1, 0.0]], "no clear effect")])
+def test_perplexity_reading(deltas, reading):
+    paired = {key: grid.paired_spread(d) for key, d in zip(("val_ppl", "test_ppl"), deltas)}
+    assert grid.perplexity_reading(paired) == reading
+
+
+def test_t_quantiles_are_students():
+    """T_975[k - 1] is where Student's t with k degrees of freedom has cumulative probability 0.975
+    (its density integrated numerically from 0)."""
+    for dof, quantile in enumerate(grid.T_975, start=1):
+        log_norm = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+        steps = 20000
+        xs = [quantile * i / steps for i in range(steps + 1)]
+        ys = [math.exp(log_norm - (dof + 1) / 2 * math.log1p(x * x / dof)) for x in xs]
+        area = quantile / steps * (sum(ys) - (ys[0] + ys[-1]) / 2)  # trapezoid over [0, quantile]
+        assert 0.5 + area == pytest.approx(0.975, abs=2e-4), dof
+
+
 def test_grid_may_grow_but_not_change_a_finished_run(tmp_path, capsys):
     spec = grid.load_spec("tiny")
     grid.fix_grid(str(tmp_path), spec, ["--max_steps", "2"])
