@@ -6,7 +6,9 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -305,3 +307,32 @@ def test_a_run_finished_by_another_process_is_not_claimed(tmp_path):
     metrics.write_text(json.dumps({"run": {"trained": True}, "eval": {}}))
     assert grid.claim_next(str(tmp_path), [first, second]) == second
     assert not os.path.exists(grid.lock_path(str(tmp_path), first))
+
+
+# ---- the committed experiment -------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT_PAGE = ROOT / "docs" / "experiments.md"
+SMOLLM2_GRID = ROOT / "docs" / "results" / "smollm2_grid"
+
+
+def test_the_committed_experiment_is_what_its_runs_give():
+    """docs/experiments.md and its JSON are what ``assemble`` gives from the committed runs' metrics.json."""
+    spec, extra = grid.spec_of(str(SMOLLM2_GRID), None)
+    results = grid.collect(str(SMOLLM2_GRID), spec, extra)
+    json_path, png = grid.result_paths(str(EXPERIMENT_PAGE), spec["name"])
+    assert Path(json_path).read_text() == json.dumps(results, indent=2) + "\n", \
+        "run python -m fused_cosloss.grid assemble --dir docs/results/smollm2_grid --out docs/experiments.md"
+    assert os.path.exists(png) and grid.check_page(str(EXPERIMENT_PAGE), json_path)
+
+
+def test_the_readme_answer_quotes_the_experiment():
+    """Every difference the README's answer quotes (a signed percentage) is on the generated page."""
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- the answer: numbers from docs/experiments.md -->", "<!-- end of the answer -->"
+    assert start in readme and end in readme
+    answer = readme.split(start, 1)[1].split(end, 1)[0]
+    quoted = re.findall(r"[+-]\d+\.\d+ %", answer)
+    assert quoted, "the answer quotes no number"
+    page = EXPERIMENT_PAGE.read_text()
+    assert [q for q in quoted if q not in page] == []
