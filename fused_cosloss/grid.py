@@ -380,8 +380,8 @@ def paired_spread(differences: list[float]) -> dict:
     n = stats["n"]
     if n < 2:
         return dict(stats, half_width=math.nan, significant=False)
-    half = T_975[min(n - 1, len(T_975)) - 1] * stats["std"] / math.sqrt(n) if n - 1 <= len(T_975) \
-        else 1.96 * stats["std"] / math.sqrt(n)
+    quantile = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
+    half = quantile * stats["std"] / math.sqrt(n)
     return dict(stats, half_width=half, significant=abs(stats["mean"]) > half)
 
 
@@ -497,11 +497,11 @@ def paired_section(results: dict) -> list[str]:
     return ["## Against the baseline of the same seed", "",
             "The seed (the order of the training data; a new model's initialisation) can move the result as "
             "much as a small alpha does; comparing each run with the baseline of its own seed (alpha 0, same "
-            "learning rate) takes that out. Each cell: "
-            "the mean over the seeds of the run's difference from its baseline (perplexity in % of the "
-            "baseline's, accuracy and cos in absolute terms) ± the half-width of the paired 95 % t interval; "
-            "`*`: the interval excludes 0. The last column reads the two perplexities: worse or better where "
-            "an interval excludes 0 (and none points the other way), no clear effect where neither does.",
+            "learning rate) takes that out. Each cell: the mean over the seeds of the run's difference from "
+            "its baseline (perplexity in % of the baseline's, accuracy and cos in absolute terms) ± the "
+            "half-width of the paired 95 % t interval; `*`: the interval excludes 0. The last column reads the "
+            "two perplexities: worse or better where an interval excludes 0 (mixed where the two disagree), no "
+            "clear effect where neither does.",
             "", paired_table(results), ""]
 
 
@@ -678,8 +678,9 @@ def plot(results: dict, path: str) -> str | None:
     for ax, (title, series, log) in zip(axes.flat[1:], PLOT_PANELS):
         _value_panel(ax, results, title, series, log)
     _grad_norm_panel(axes.flat[6], results)
-    axes.flat[7].axis("off")
-    axes.flat[1].legend(fontsize=8)
+    legend = axes.flat[7]
+    legend.axis("off")
+    legend.legend(*axes.flat[1].get_legend_handles_labels(), loc="center", title="colour: the setting")
     fig.suptitle(f"grid {results['grid']['name']}: mean over seeds, error bars their standard deviation "
                  "(first panel: the paired 95 % interval)")
     fig.tight_layout()
