@@ -43,9 +43,17 @@ SMOLLM2_ARGS = ["--model_name_or_path", "smollm2-135m", "--dataset_name", "pydoc
 # the built-in tiny model on a small generated corpus: the same shape as smollm2, for tests
 TINY_ARGS = ["--model_name_or_path", "tiny", "--generated_sentences", "200", "--block_size", "32",
              "--backend", "reference"]
+# the remedies at the setting where alpha costs most, and two more seeds there, where the seeds spread widest
+SMOLLM2_VARIANTS = {
+    "": {"args": [], "also": [{"alphas": [0.0, 0.5], "learning_rates": [5e-4], "seeds": [3, 4]}]},
+    "detach": {"args": ["--detach_cos_embedding", "true"], "alphas": [0.5], "learning_rates": [5e-4],
+               "also": [{"seeds": [3, 4]}]},
+    "warmup": {"args": ["--alpha_warmup", "0.3"], "alphas": [0.5], "learning_rates": [5e-4],
+               "also": [{"seeds": [3, 4]}]},
+}
 BUILT_IN = {
     "smollm2": {"name": "smollm2", "args": SMOLLM2_ARGS, "alphas": [0.0, 0.1, 0.25, 0.5],
-                "learning_rates": [5e-5, 5e-4], "seeds": [0, 1, 2], "variants": {"": []}},
+                "learning_rates": [5e-5, 5e-4], "seeds": [0, 1, 2], "variants": SMOLLM2_VARIANTS},
     "tiny": {"name": "tiny", "args": TINY_ARGS, "alphas": [0.0, 0.1, 0.25, 0.5],
              "learning_rates": [5e-5, 5e-4], "seeds": [0, 1, 2], "variants": {"": []}},
 }
@@ -112,16 +120,29 @@ def check_spec(spec, source: str) -> dict:
     return spec
 
 
+CELL_KEYS = {"alphas", "learning_rates", "seeds"}
+
+
+def _is_cells(cells) -> bool:
+    """Whether ``cells`` is an object of non-empty lists under keys among :data:`CELL_KEYS`."""
+    return (isinstance(cells, dict) and not set(cells) - CELL_KEYS
+            and all(isinstance(value, list) and value for value in cells.values()))
+
+
 def check_variant(name: str, variant, source: str) -> dict:
-    """A variant as ``{"args": [...], ...}`` (from a list of arguments or such an object)."""
+    """A variant as ``{"args": [...], ...}`` (from a list of arguments or such an object). ``also``: a list
+    of more cells for the same arguments (e.g. more seeds at one setting), each an object of
+    :data:`CELL_KEYS` whose missing keys are the variant's."""
     if isinstance(variant, list):
         variant = {"args": variant}
-    known = {"args", "alphas", "learning_rates", "seeds"}
+    known = {"args", "also"} | CELL_KEYS
     if (not isinstance(variant, dict) or not isinstance(variant.get("args", []), list) or set(variant) - known
             or (name and not name.replace("-", "").replace("_", "").isalnum())
-            or any(not isinstance(variant[key], list) or not variant[key] for key in set(variant) - {"args"})):
+            or not _is_cells({key: variant[key] for key in CELL_KEYS & set(variant)})
+            or not (isinstance(variant.get("also", []), list) and all(map(_is_cells, variant.get("also", []))))):
         raise ValueError(f"{source}: variant {name!r}: expected a name of letters, digits, - and _, and a list of "
-                         f"training arguments or an object with keys among {sorted(known)} (non-empty lists)")
+                         f"training arguments or an object with keys among {sorted(known)} (non-empty lists; "
+                         f"'also': a list of objects with keys among {sorted(CELL_KEYS)})")
     return {"args": [], **variant}
 
 
@@ -139,8 +160,11 @@ def grid_runs(spec: dict) -> list[GridRun]:
     """
     runs = []
     for name, variant in spec["variants"].items():
-        lists = [variant.get(key, spec[key]) for key in ("seeds", "learning_rates", "alphas")]
-        runs += [GridRun(name, float(alpha), float(lr), int(seed)) for seed, lr, alpha in itertools.product(*lists)]
+        for cells in [{}, *variant.get("also", [])]:
+            lists = [cells.get(key, variant.get(key, spec[key])) for key in ("seeds", "learning_rates", "alphas")]
+            runs += [GridRun(name, float(alpha), float(lr), int(seed))
+                     for seed, lr, alpha in itertools.product(*lists)]
+    runs = list(dict.fromkeys(runs))  # a cell named twice is one run
     seeds = list(dict.fromkeys(run.seed for run in runs))  # in the order the grid names them
     return sorted(runs, key=lambda run: seeds.index(run.seed))
 
@@ -391,13 +415,14 @@ def perplexity_reading(deltas: dict) -> str:
     if max(d["n"] for d in perplexities) < 2:
         return "one seed"
     signs = {math.copysign(1.0, d["mean"]) for d in perplexities if d["significant"]}
-    return {frozenset(): "no clear effect", frozenset({1.0}): "worse", frozenset({-1.0}): "better"}.get(
+    return {frozenset(): "inconclusive", frozenset({1.0}): "worse", frozenset({-1.0}): "better"}.get(
         frozenset(signs), "mixed")
 
 
 def paired_differences(records: list[dict]) -> list[dict]:
     """One row per setting other than a baseline: each seed's difference from the baseline run (no variant,
-    alpha 0) of the same learning rate and seed, over the seeds both have, and :func:`perplexity_reading`."""
+    alpha 0) of the same learning rate and seed, over the seeds both have; how many of those seeds have the
+    higher perplexity; and :func:`perplexity_reading`."""
     baselines = {(r["learning_rate"], r["seed"]): r for r in records if not r["variant"] and r["alpha"] == 0}
     pairs = {}
     for record in records:
@@ -411,8 +436,10 @@ def paired_differences(records: list[dict]) -> list[dict]:
             deltas[key] = paired_spread([
                 100.0 * (run["values"][key] / base["values"][key] - 1.0) if kind == "relative"
                 else run["values"][key] - base["values"][key] for run, base in group])
+        higher = {key: sum(run["values"][key] > base["values"][key] for run, base in group)
+                  for key in ("val_ppl", "test_ppl")}
         out.append({"variant": variant, "alpha": alpha, "learning_rate": lr,
-                    "seeds": [run["seed"] for run, _ in group], "deltas": deltas,
+                    "seeds": [run["seed"] for run, _ in group], "deltas": deltas, "higher_perplexity": higher,
                     "reading": perplexity_reading(deltas)})
     return out
 
@@ -483,10 +510,13 @@ def _delta_cell(stats: dict, kind: str, fmt: str) -> str:
 
 
 def paired_table(results: dict) -> str:
-    head = ["variant", "alpha", "lr", "seeds", *(label for _, _, label, _ in PAIRED), "perplexity"]
+    head = ["variant", "alpha", "lr", "seeds", *(label for _, _, label, _ in PAIRED), "seeds with higher ppl",
+            "perplexity"]
     lines = [[row["variant"] or "-", f"{row['alpha']:g}", f"{row['learning_rate']:g}", str(len(row["seeds"])),
-              *(_delta_cell(row["deltas"][key], kind, fmt) for key, kind, _, fmt in PAIRED), row["reading"]]
-             for row in results.get("paired", [])]
+              *(_delta_cell(row["deltas"][key], kind, fmt) for key, kind, _, fmt in PAIRED),
+              ", ".join(f"{row['higher_perplexity'][key]}/{len(row['seeds'])} {split}"
+                        for key, split in (("val_ppl", "val"), ("test_ppl", "test"))),
+              row["reading"]] for row in results.get("paired", [])]
     return _table(head, lines)
 
 
@@ -499,9 +529,10 @@ def paired_section(results: dict) -> list[str]:
             "much as a small alpha does; comparing each run with the baseline of its own seed (alpha 0, same "
             "learning rate) takes that out. Each cell: the mean over the seeds of the run's difference from "
             "its baseline (perplexity in % of the baseline's, accuracy and cos in absolute terms) ± the "
-            "half-width of the paired 95 % t interval; `*`: the interval excludes 0. The last column reads the "
-            "two perplexities: worse or better where an interval excludes 0 (mixed where the two disagree), no "
-            "clear effect where neither does.",
+            "half-width of the paired 95 % t interval; `*`: the interval excludes 0; then how many of the seeds "
+            "have a higher perplexity than their baseline. The last column reads the two perplexities: worse or "
+            "better where an interval excludes 0 (mixed where the two disagree), inconclusive where neither "
+            "does: the seeds' spread is too wide for their number.",
             "", paired_table(results), ""]
 
 
@@ -518,10 +549,29 @@ def geometry_table(results: dict) -> str:
 
 
 def command_text(results: dict) -> str:
-    grid = results["grid"]["name"] if results["grid"]["name"] in BUILT_IN else "GRID.json"
+    name = results["grid"]["name"]
+    built_in = name in BUILT_IN and check_spec(BUILT_IN[name], name) == results["grid"]
+    grid, note = (name, "") if built_in else ("GRID.json", f"   # GRID.json: the \"grid\" object of {name}.json")
     extra = " ".join(results["extra_args"])
-    return (f"python -m fused_cosloss.grid run --grid {grid} --dir DIR --all -- {extra}\n"
+    return (f"python -m fused_cosloss.grid run --grid {grid} --dir DIR --all -- {extra}{note}\n"
             f"python -m fused_cosloss.grid assemble --dir DIR --out docs/experiments.md")
+
+
+def _cells_text(cells: dict) -> str:
+    """`` at alpha {0, 0.5}, learning rate {0.0005}, seeds {3, 4}``: the keys ``cells`` has."""
+    named = [(f"{label} {{{', '.join(f'{value:g}' for value in cells[key])}}}")
+             for key, label in (("alphas", "alpha"), ("learning_rates", "learning rate"), ("seeds", "seeds"))
+             if key in cells]
+    return " at " + ", ".join(named) if named else ""
+
+
+def variant_text(name: str, variant: dict) -> str:
+    """How the page names a variant (nothing for the plain grid without ``also`` cells)."""
+    text = f"; variant `{name}`: `{' '.join(map(str, variant['args']))}`{_cells_text(variant)}" if name else ""
+    also = " and".join(_cells_text(cells) for cells in variant.get("also", []))
+    if also:
+        text += f" (also{also})" if name else f"; the grid also{also}"
+    return text
 
 
 def page_text(results: dict, plot_name: str | None) -> str:
@@ -537,9 +587,7 @@ def page_text(results: dict, plot_name: str | None) -> str:
         f"Model: {results['model']}. Data: {results['data']}. Grid `{grid['name']}`: alpha in "
         f"{{{', '.join(f'{a:g}' for a in grid['alphas'])}}} x learning rate in "
         f"{{{', '.join(f'{lr:g}' for lr in grid['learning_rates'])}}} x seeds {{{', '.join(map(str, grid['seeds']))}}}"
-        + "".join(f"; variant `{name}`: `{' '.join(map(str, v['args']))}`"
-                  + "".join(f" at {key} {v[key]}" for key in ("alphas", "learning_rates", "seeds") if key in v)
-                  for name, v in grid["variants"].items() if name)
+        + "".join(variant_text(name, v) for name, v in grid["variants"].items())
         + f"; training arguments `{' '.join(map(str, grid['args'] + results['extra_args']))}`.",
         "",
         f"Runs done: {done} of {results['runs_total']}"

@@ -109,6 +109,25 @@ def test_variants_take_their_turn_in_each_seed():
     assert [run.name for run in runs[7:10]] == ["a0.5_lr0.0005_s0", "detach_a0.5_lr0.0005_s0", "a0_lr5e-05_s1"]
 
 
+def test_also_cells_add_seeds_at_one_setting():
+    """``also`` adds cells with the variant's arguments (here two more seeds where the spread is widest)
+    after the grid's own, without repeating a run the grid already has."""
+    spec = dict(grid.load_spec("tiny"), variants={
+        "": {"args": [], "also": [{"alphas": [0.0, 0.5], "learning_rates": [5e-4], "seeds": [2, 3, 4]}]},
+        "detach": {"args": ["--detach_cos_embedding", "true"], "alphas": [0.5], "learning_rates": [5e-4],
+                   "also": [{"seeds": [3]}]}})
+    runs = grid.grid_runs(grid.check_spec(spec, "more seeds"))
+    assert len(runs) == len(set(runs)) == 24 + 4 + 3 + 1  # seed 2 of the also cells is in the grid already
+    assert [run.name for run in runs[-5:]] == ["a0_lr0.0005_s3", "a0.5_lr0.0005_s3", "detach_a0.5_lr0.0005_s3",
+                                               "a0_lr0.0005_s4", "a0.5_lr0.0005_s4"]
+    text = "".join(grid.variant_text(name, v) for name, v in grid.check_spec(spec, "more seeds")["variants"].items())
+    assert "the grid also at alpha {0, 0.5}, learning rate {0.0005}, seeds {2, 3, 4}" in text
+    assert "`--detach_cos_embedding true` at alpha {0.5}, learning rate {0.0005} (also at seeds {3})" in text
+    for bad in ([{"seeds": []}], [{"steps": [1]}], {"seeds": [3]}):
+        with pytest.raises(ValueError, match="'also': a list of objects"):
+            grid.check_spec(dict(spec, variants={"": {"args": [], "also": bad}}), "bad")
+
+
 def test_grid_order_is_seed_major():
     """A grid stopped part-way has covered every setting once before any setting gets its second seed."""
     runs = grid.grid_runs(grid.load_spec("tiny"))
@@ -176,7 +195,7 @@ def _record(variant, alpha, lr, seed, **values):
 def test_paired_differences_against_the_same_seeds_baseline():
     """Each run is compared with the baseline of its own seed and learning rate; perplexity in % of it."""
     base_ppl, run_ppl = [10.0, 12.0, 11.0], [10.1, 12.12, 11.11]  # +1 % on every seed
-    acc_delta = [0.01, -0.02, 0.005]  # spread around 0: no clear effect
+    acc_delta = [0.01, -0.02, 0.005]  # spread around 0: inconclusive
     records = [_record("", 0.0, 1e-4, s, val_ppl=b, test_ppl=b, val_acc=0.5) for s, b in enumerate(base_ppl)]
     records += [_record("", 0.5, 1e-4, s, val_ppl=r, test_ppl=b, val_acc=0.5 + d)
                 for s, (r, b, d) in enumerate(zip(run_ppl, base_ppl, acc_delta))]
@@ -193,6 +212,7 @@ def test_paired_differences_against_the_same_seeds_baseline():
     assert acc["half_width"] == pytest.approx(4.303 * statistics.stdev(acc_delta) / math.sqrt(3))
     assert not acc["significant"]
     assert mixed["deltas"]["test_ppl"]["mean"] == pytest.approx(0.0) and mixed["reading"] == "worse"
+    assert mixed["higher_perplexity"] == {"val_ppl": 3, "test_ppl": 0}
 
     detach = rows[("detach", 0.5, 1e-4)]
     assert detach["deltas"]["val_ppl"]["mean"] == pytest.approx(-10.0) and detach["reading"] == "one seed"
@@ -201,7 +221,7 @@ def test_paired_differences_against_the_same_seeds_baseline():
 
 @pytest.mark.parametrize("deltas,reading", [([[-1.0, -1.1, -0.9], [-2.0, -2.1, -1.9]], "better"),
                                             ([[1.0, 1.1, 0.9], [-2.0, -2.1, -1.9]], "mixed"),
-                                            ([[1.0, -1.1, 0.2], [0.1, -0.1, 0.0]], "no clear effect")])
+                                            ([[1.0, -1.1, 0.2], [0.1, -0.1, 0.0]], "inconclusive")])
 def test_perplexity_reading(deltas, reading):
     paired = {key: grid.paired_spread(d) for key, d in zip(("val_ppl", "test_ppl"), deltas)}
     assert grid.perplexity_reading(paired) == reading
