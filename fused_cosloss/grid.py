@@ -634,10 +634,10 @@ PLOT_PANELS = [("validation perplexity", [("val_ppl", "-")], True),
                 [("seen_change", "-"), ("unseen_change", "--")], True)]
 
 
-def _lines(results: dict) -> list[tuple[tuple, list[dict]]]:
-    """The rows by (variant, learning rate), each sorted by alpha."""
+def _lines(rows: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """``rows`` (of the table or of the paired comparison) by (variant, learning rate), each sorted by alpha."""
     lines = {}
-    for row in results["rows"]:
+    for row in rows:
         lines.setdefault((row["variant"], row["learning_rate"]), []).append(row)
     return [(key, sorted(rows, key=lambda r: r["alpha"])) for key, rows in sorted(lines.items())]
 
@@ -648,7 +648,7 @@ def _label(variant: str, lr: float) -> str:
 
 def _value_panel(ax, results: dict, title: str, series: list, log: bool) -> None:
     """Values against alpha, one colour per (variant, learning rate), error bars over the seeds."""
-    for index, ((variant, lr), rows) in enumerate(_lines(results)):
+    for index, ((variant, lr), rows) in enumerate(_lines(results["rows"])):
         for key, style in series:
             stats = [r["values"][key] for r in rows]
             ax.errorbar([r["alpha"] for r in rows], [s["mean"] for s in stats], linestyle=style, capsize=3,
@@ -671,13 +671,9 @@ def _value_panel(ax, results: dict, title: str, series: list, log: bool) -> None
 def _paired_panel(ax, results: dict) -> None:
     """The perplexities' paired difference from the same seed's baseline against alpha (the baseline: 0 at
     alpha 0), error bars the 95 % interval's half-width."""
-    lines = {}
-    for row in results.get("paired", []):
-        lines.setdefault((row["variant"], row["learning_rate"]), []).append(row)
-    keys = [key for key, _ in _lines(results)]  # the colours of the other panels
-    for (variant, lr), rows in sorted(lines.items()):
+    keys = [key for key, _ in _lines(results["rows"])]  # the colours of the other panels
+    for (variant, lr), rows in _lines(results.get("paired", [])):
         index = keys.index((variant, lr))
-        rows = sorted(rows, key=lambda r: r["alpha"])
         for key, style in (("val_ppl", "-"), ("test_ppl", "--")):
             stats = [r["deltas"][key] for r in rows]
             alphas = [r["alpha"] for r in rows]
